@@ -1,0 +1,1 @@
+"""Things that act: planning agents, recovery agents, stable-baselines3 glue."""

@@ -1,0 +1,6 @@
+"""Gymnasium environments over the world-model backends."""
+
+from arcfab_gym.envs.arcfab_env import ArcFabricEnv
+from arcfab_gym.envs.wrappers import DiscreteRelativeMoves
+
+__all__ = ["ArcFabricEnv", "DiscreteRelativeMoves"]

@@ -1,0 +1,168 @@
+"""Facts of the Push-T task shared by every backend: prompts and their goals, the action
+mapping, initial-state sampling, coverage and success, and drawing a frame from poses.
+
+The physics and the drawing are gym-pusht's own (pymunk + pygame); this module only fixes
+the conventions that arcfab-gym adds on top (a prompt vocabulary, actions in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import numpy as np
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from gym_pusht.envs.pusht import PushTEnv
+
+import shapely.geometry as sg
+
+from arcfab_gym.errors import UnknownPromptError
+
+#: Side of the square world, in pixels (pymunk units).
+WORLD_SIZE = 512.0
+#: gym-pusht's success threshold: coverage of the goal region above 95 %.
+SUCCESS_THRESHOLD = 0.95
+#: gym-pusht's time limit.
+MAX_EPISODE_STEPS = 300
+
+#: The closed prompt vocabulary: each prompt names a goal pose ``(x, y, theta)`` for the T.
+#: The first is gym-pusht's own goal; the others move or turn it (y grows downwards in the
+#: picture, so "up" is a smaller y). Every goal keeps the whole T at least 60 px inside
+#: the walls.
+GOALS: dict[str, tuple[float, float, float]] = {
+    "push the T onto the target": (256.0, 256.0, math.pi / 4),
+    "push the T to the left": (160.0, 256.0, math.pi / 4),
+    "push the T to the right": (352.0, 256.0, math.pi / 4),
+    "push the T up": (256.0, 160.0, math.pi / 4),
+    "push the T down": (256.0, 352.0, math.pi / 4),
+    "stand the T upright": (256.0, 196.0, 0.0),
+}
+PROMPTS: tuple[str, ...] = tuple(GOALS)
+DEFAULT_PROMPT = PROMPTS[0]
+
+
+def goal_pose(prompt: str) -> np.ndarray:
+    """The goal ``[x, y, theta]`` (float64) a prompt asks for."""
+    try:
+        return np.array(GOALS[prompt], dtype=np.float64)
+    except KeyError:
+        raise UnknownPromptError(prompt, PROMPTS) from None
+
+
+def action_to_target(action: np.ndarray) -> np.ndarray:
+    """Map an action in ``[-1, 1]^2`` to gym-pusht's absolute target in ``[0, 512]^2``."""
+    return (np.asarray(action, dtype=np.float64) + 1.0) * (WORLD_SIZE / 2.0)
+
+
+def target_to_action(target: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`action_to_target` (float32, clipped to the action space)."""
+    a = np.asarray(target, dtype=np.float64) / (WORLD_SIZE / 2.0) - 1.0
+    return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+def sample_initial_state(rng: np.random.Generator) -> np.ndarray:
+    """gym-pusht's start distribution: ``[agent_x, agent_y, block_x, block_y, block_angle]``."""
+    return np.array(
+        [
+            rng.integers(50, 450),
+            rng.integers(50, 450),
+            rng.integers(100, 400),
+            rng.integers(100, 400),
+            rng.uniform(-np.pi, np.pi),
+        ],
+        dtype=np.float64,
+    )
+
+
+# --- geometry --------------------------------------------------------------------------
+_SCALE, _LENGTH = 30.0, 4.0
+#: The T's two rectangles in body coordinates (gym-pusht's ``add_tee``), [2, 4, 2].
+T_VERTICES = np.array(
+    [
+        [
+            (-_LENGTH * _SCALE / 2, _SCALE),
+            (_LENGTH * _SCALE / 2, _SCALE),
+            (_LENGTH * _SCALE / 2, 0),
+            (-_LENGTH * _SCALE / 2, 0),
+        ],
+        [
+            (-_SCALE / 2, _SCALE),
+            (-_SCALE / 2, _LENGTH * _SCALE),
+            (_SCALE / 2, _LENGTH * _SCALE),
+            (_SCALE / 2, _SCALE),
+        ],
+    ],
+    dtype=np.float64,
+)
+
+
+def t_polygon(pose: np.ndarray) -> sg.MultiPolygon:
+    """The T at ``pose = [x, y, theta]`` as a shapely MultiPolygon (fixed part order)."""
+    x, y, theta = (float(v) for v in pose[:3])
+    c, s = math.cos(theta), math.sin(theta)
+    parts = []
+    for rect in T_VERTICES:
+        pts = [(x + c * vx - s * vy, y + s * vx + c * vy) for vx, vy in rect]
+        parts.append(sg.Polygon(pts + pts[:1]))
+    return sg.MultiPolygon(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _goal_polygon(x: float, y: float, theta: float) -> sg.MultiPolygon:
+    return t_polygon(np.array([x, y, theta]))
+
+
+def coverage(block_polygon: sg.MultiPolygon, goal: np.ndarray) -> float:
+    """Fraction of the goal region covered by the block (gym-pusht's reward basis)."""
+    goal_geom = _goal_polygon(float(goal[0]), float(goal[1]), float(goal[2]))
+    return float(goal_geom.intersection(block_polygon).area / goal_geom.area)
+
+
+def reward_from_coverage(cov: float) -> float:
+    """gym-pusht's reward: coverage / 0.95, clipped to [0, 1]."""
+    return float(np.clip(cov / SUCCESS_THRESHOLD, 0.0, 1.0))
+
+
+def keypoints(block_pose: np.ndarray) -> np.ndarray:
+    """The T's 8 corner keypoints in world coordinates, ``[8, 2]`` (gym-pusht's order)."""
+    x, y, theta = block_pose[:3]
+    c, s = np.cos(theta), np.sin(theta)
+    rot = np.array([[c, -s], [s, c]])
+    return T_VERTICES.reshape(8, 2) @ rot.T + np.array([x, y])
+
+
+# --- drawing ---------------------------------------------------------------------------
+class FrameRenderer:
+    """Draws a Push-T frame from poses with gym-pusht's own renderer.
+
+    Keeps one scratch gym-pusht env whose bodies are moved to the requested poses; the
+    picture is the same one gym-pusht returns as a pixel observation.
+    """
+
+    def __init__(self, size: int = 96):
+        self.size = int(size)
+        self._env = PushTEnv(
+            obs_type="pixels",
+            render_mode="rgb_array",
+            observation_width=self.size,
+            observation_height=self.size,
+        )
+        self._env._setup()
+
+    def render(self, agent_pos: np.ndarray, block_pose: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """uint8 ``[size, size, 3]`` picture of the agent, the T and the goal region."""
+        env = self._env
+        env.agent.position = (float(agent_pos[0]), float(agent_pos[1]))
+        env.block.angle = float(block_pose[2])
+        env.block.position = (float(block_pose[0]), float(block_pose[1]))
+        env.goal_pose = np.asarray(goal, dtype=np.float64)
+        env._last_action = None
+        return np.ascontiguousarray(env._render(visualize=False), dtype=np.uint8)
+
+    def close(self) -> None:
+        self._env.close()
