@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import struct
@@ -66,7 +65,10 @@ def with_nan_payloads(dtype: torch.dtype) -> torch.Tensor:
     """A tensor whose bit patterns include NaNs with distinct payloads, -0.0 and infs."""
     patterns = {
         torch.float32: (torch.int32, [0x7FC00001, 0x7F800123, -0x00400001, -(2**31), 0x7F800000]),
-        torch.float64: (torch.int64, [0x7FF8000000000123, 0x7FF0000000000001, -1, -(2**63), 0x3FF0000000000000]),
+        torch.float64: (
+            torch.int64,
+            [0x7FF8000000000123, 0x7FF0000000000001, -1, -(2**63), 0x3FF0000000000000],
+        ),
         torch.bfloat16: (torch.int16, [0x7FC1, 0x7F81, -1, -32768, 0x3F80]),
         torch.float16: (torch.int16, [0x7E01, 0x7C01, -1, -32768, 0x3C00]),
     }
@@ -349,7 +351,8 @@ def test_equals_is_bitwise_on_tensors() -> None:
     other_nan.view(torch.int32)[0] += 1  # still NaN, different payload
     assert torch.isnan(other_nan[0])
     assert not make_snapshot({"x": nan}).equals(make_snapshot({"x": other_nan}))
-    assert not make_snapshot({"x": torch.tensor([0.0])}).equals(make_snapshot({"x": torch.tensor([-0.0])}))
+    zero, neg_zero = torch.tensor([0.0]), torch.tensor([-0.0])
+    assert not make_snapshot({"x": zero}).equals(make_snapshot({"x": neg_zero}))
     # Same bytes, different dtype or shape: not equal.
     i = torch.arange(4, dtype=torch.int32)
     assert not make_snapshot({"x": i}).equals(make_snapshot({"x": i.view(torch.float32)}))
@@ -486,7 +489,9 @@ def test_wrong_format_version(good_file: Path, tmp_path: Path) -> None:
         assert v in msg
 
 
-def test_tampered_header_with_valid_json_is_a_checksum_error(good_file: Path, tmp_path: Path) -> None:
+def test_tampered_header_with_valid_json_is_a_checksum_error(
+    good_file: Path, tmp_path: Path
+) -> None:
     data = good_file.read_bytes()
     start, end = header_span(data)
     header = json.loads(json.loads(data[start:end])["__metadata__"]["arcfab.header"])
@@ -586,7 +591,8 @@ _JSON_LEAF = (
 )
 _JSON = st.recursive(
     _JSON_LEAF,
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+    lambda kids: st.lists(kids, max_size=3)
+    | st.dictionaries(st.text(max_size=5), kids, max_size=3),
     max_leaves=8,
 )
 

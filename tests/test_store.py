@@ -312,7 +312,8 @@ def test_spills_follow_lru_order(store: StateManager) -> None:
 
 def test_spill_and_reload_is_lossless(store: StateManager) -> None:
     originals = [make_snap(i) for i in range(5)]
-    originals[0].tensors["nan"] = torch.tensor([0x7FC00001, -1], dtype=torch.int32).view(torch.float32)
+    nan_bits = torch.tensor([0x7FC00001, -1], dtype=torch.int32)
+    originals[0].tensors["nan"] = nan_bits.view(torch.float32)
     originals[0].rng_state = np.random.default_rng(1).bit_generator.state
     expected = [s.copy() for s in originals]
     ids = [store.put(s) for s in originals]
@@ -428,7 +429,9 @@ def test_corrupt_spill_file_raises_and_keeps_the_entry(store: StateManager) -> N
     assert store.is_spilled(a) and a in store
 
 
-def test_failed_spill_rolls_back_the_put(store: StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_spill_rolls_back_the_put(
+    store: StateManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.put(make_snap(0))
     store.put(make_snap(1))
     before = (store.ids(), store.stats())

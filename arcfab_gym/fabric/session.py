@@ -196,8 +196,8 @@ class Session:
         )
         child._load(snap, include_rng=True)
         child._history = self._history_to(checkpoint_id, snap)
-        child._history[-1] = _Frame(
-            snap.frame_index, child._history[-1].state, anchor_id=checkpoint_id
+        child._history[-1] = dataclasses.replace(
+            child._history[-1], checkpoint_id=None, anchor_id=checkpoint_id
         )
         if new_prompt is not None:
             child.model.set_prompt(new_prompt)
@@ -318,8 +318,14 @@ class Session:
                 # Copies of the frames (sharing their immutable states): a fork must not see
                 # checkpoints its parent takes later on the shared prefix.
                 return [dataclasses.replace(f) for f in self._history[: k + 1]]
-        state = self.model.extract_state()
-        return [_Frame(snap.frame_index, state, checkpoint_id=checkpoint_id, anchor_id=checkpoint_id)]
+        return [
+            _Frame(
+                snap.frame_index,
+                snap.model_state,
+                checkpoint_id=checkpoint_id,
+                anchor_id=checkpoint_id,
+            )
+        ]
 
     def _check_open(self) -> None:
         if self._closed:

@@ -270,7 +270,7 @@ class WorldStateSnapshot:
                 raise TypeError(
                     f"snapshot tensor {name!r} must be a torch.Tensor, got {type(t).__name__}"
                 )
-            pass
+            t = _as_cpu_contiguous(t)
             # safetensors refuses tensors that share memory; clone the second and later
             # views of one storage (rare: backends normally extract independent copies).
             ptr = t.untyped_storage().data_ptr()

@@ -1,0 +1,212 @@
+"""The contract every registered backend must keep, run against each one by name.
+
+A new backend is checked by these tests the day it registers: add its fast test
+configuration to ``FAST_KWARGS`` if its defaults are slow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from arcfab_gym import (
+    InvalidActionError,
+    UnknownBackendError,
+    UnknownPromptError,
+    WorldStateSnapshot,
+    create_world_model,
+    list_world_models,
+)
+
+#: Constructor arguments that keep each backend quick under test.
+FAST_KWARGS: dict[str, dict] = {}
+OBS_KEYS = {"agent_pos", "block_pose", "goal_pose"}
+
+
+def make(name: str):
+    return create_world_model(name, **FAST_KWARGS.get(name, {}))
+
+
+@pytest.fixture(params=list_world_models())
+def name(request) -> str:
+    return request.param
+
+
+def random_actions(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, 2)).astype(np.float32)
+
+
+def rollout(model, actions) -> list:
+    return [model.step(a) for a in actions]
+
+
+def assert_same_outputs(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.reward == y.reward
+        assert x.terminated == y.terminated
+        assert x.observation.keys() == y.observation.keys()
+        for k in x.observation:
+            np.testing.assert_array_equal(x.observation[k], y.observation[k], strict=True)
+        assert x.info.keys() == y.info.keys()
+        for k in x.info:
+            np.testing.assert_array_equal(x.info[k], y.info[k], strict=True)
+
+
+def assert_same_state(a, b) -> None:
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        assert a.tensors[k].dtype == b.tensors[k].dtype, k
+        assert a.tensors[k].shape == b.tensors[k].shape, k
+        assert a.tensors[k].numpy().tobytes() == b.tensors[k].numpy().tobytes(), k
+    assert a.meta == b.meta
+
+
+def test_registry_lists_and_rejects_unknown():
+    assert "pusht-sim" in list_world_models()
+    with pytest.raises(UnknownBackendError, match="registered: .*pusht-sim"):
+        create_world_model("no-such-model")
+
+
+def test_start_and_step_outputs_are_well_formed(name):
+    model = make(name)
+    assert len(model.prompts) >= 1
+    obs, info = model.start(model.prompts[0], seed=0)
+    assert OBS_KEYS <= obs.keys()
+    assert model.frame_count == 1
+    for out in rollout(model, random_actions(5)):
+        assert type(out.reward) is float and np.isfinite(out.reward)
+        assert type(out.terminated) is bool
+        assert isinstance(out.info, dict)
+        for k in OBS_KEYS:
+            v = out.observation[k]
+            assert v.dtype == np.float32 and np.all(np.isfinite(v)), k
+    assert model.frame_count == 6
+
+
+def test_same_seed_and_actions_give_identical_outputs(name):
+    acts = random_actions(30)
+    a, b = make(name), make(name)
+    a.start(a.prompts[0], seed=3)
+    b.start(b.prompts[0], seed=3)
+    assert_same_outputs(rollout(a, acts), rollout(b, acts))
+    assert_same_state(a.extract_state(), b.extract_state())
+
+
+def test_restore_then_step_equals_uninterrupted(name):
+    acts = random_actions(60, seed=1)
+    model = make(name)
+    model.start(model.prompts[0], seed=5)
+    rollout(model, acts[:20])
+    state = model.extract_state()
+    expected = rollout(model, acts[20:])
+    # Same instance, after wandering off elsewhere.
+    rollout(model, random_actions(7, seed=9))
+    model.load_state(state)
+    assert_same_outputs(rollout(model, acts[20:]), expected)
+    # A fresh instance of the same backend.
+    other = model.spawn()
+    other.load_state(state)
+    assert_same_outputs(rollout(other, acts[20:]), expected)
+
+
+def test_snapshot_file_round_trip_resumes_exactly(name, tmp_path):
+    acts = random_actions(40, seed=2)
+    model = make(name)
+    model.start(model.prompts[0], seed=7)
+    rollout(model, acts[:15])
+    snap = WorldStateSnapshot.from_model(model)
+    expected = rollout(model, acts[15:])
+    path = snap.save(tmp_path / "state.safetensors")
+    fresh = create_world_model(snap.backend, **snap.backend_config)
+    fresh.load_state(WorldStateSnapshot.load(path).model_state)
+    assert_same_outputs(rollout(fresh, acts[15:]), expected)
+
+
+def test_extracted_state_is_a_copy(name):
+    model = make(name)
+    model.start(model.prompts[0], seed=0)
+    state = model.extract_state()
+    before = {k: t.clone() for k, t in state.tensors.items()}
+    rollout(model, random_actions(5))
+    for k, t in state.tensors.items():
+        assert t.numpy().tobytes() == before[k].numpy().tobytes(), k
+
+
+def test_step_batch_equals_a_loop(name):
+    model = make(name)
+    model.start(model.prompts[0], seed=0)
+    states = []
+    for a in random_actions(3, seed=4):
+        model.step(a)
+        states.append(model.extract_state())
+    actions = random_actions(3, seed=5)
+    next_states, outs = model.step_batch(states, actions)
+    for state, action, ns, out in zip(states, actions, next_states, outs):
+        solo = model.spawn()
+        solo.load_state(state)
+        assert_same_outputs([solo.step(action)], [out])
+        assert_same_state(solo.extract_state(), ns)
+
+
+def test_unknown_prompt_lists_the_valid_ones(name):
+    model = make(name)
+    with pytest.raises(UnknownPromptError) as err:
+        model.start("juggle three cups", seed=0)
+    for p in model.prompts:
+        assert repr(p) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros(3),
+        np.zeros((1, 2)),
+        np.array([np.nan, 0.0]),
+        np.array([np.inf, 0.0]),
+        np.array([1.5, 0.0]),
+        "left",
+    ],
+    ids=["too-long", "2d", "nan", "inf", "out-of-box", "string"],
+)
+def test_bad_actions_are_rejected_and_leave_the_state_alone(name, bad):
+    model = make(name)
+    model.start(model.prompts[0], seed=0)
+    before = model.extract_state()
+    with pytest.raises(InvalidActionError):
+        model.step(bad)
+    assert_same_state(model.extract_state(), before)
+
+
+def test_set_prompt_continues_the_history(name):
+    model = make(name)
+    model.start(model.prompts[0], seed=0)
+    rollout(model, random_actions(4))
+    first = model.decode_frame(0)
+    new = model.prompts[-1]
+    model.set_prompt(new)
+    assert model.prompt == new
+    assert model.frame_count == 5
+    np.testing.assert_array_equal(model.decode_frame(0), first)
+    out = model.step(random_actions(1)[0])
+    assert model.frame_count == 6 and np.all(np.isfinite(out.observation["agent_pos"]))
+
+
+def test_decode_frame_shapes_and_bounds(name):
+    model = make(name)
+    model.start(model.prompts[0], seed=0)
+    rollout(model, random_actions(2))
+    for i in range(3):
+        frame = model.decode_frame(i)
+        assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+    with pytest.raises(IndexError, match="valid frames are 0..2"):
+        model.decode_frame(3)
+    with pytest.raises(IndexError):
+        model.decode_frame(-1)
+
+
+def test_config_rebuilds_an_equivalent_backend(name):
+    model = make(name)
+    again = create_world_model(name, **model.config())
+    assert again.config() == model.config()
+    assert again.prompts == model.prompts

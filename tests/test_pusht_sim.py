@@ -1,0 +1,135 @@
+"""pusht-sim specifics: prompts and goals, exactness through contacts, fidelity to gym-pusht."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.scripted import ScriptedPusher
+from arcfab_gym import UnknownPromptError
+from arcfab_gym.models.base import ModelState
+from arcfab_gym.models.pusht_sim import PushTSim
+from arcfab_gym.tasks import pusht
+from arcfab_gym.tasks.pusht import PushTEnv
+
+
+def scripted_run(model: PushTSim, steps: int, seed: int = 0):
+    """Drive ``model`` with the scripted pusher; returns (actions, outputs, states before)."""
+    policy = ScriptedPusher(np.random.default_rng(seed), noise_px=5.0)
+    obs = model.observe()
+    actions, outs, states = [], [], []
+    for _ in range(steps):
+        states.append(model.extract_state())
+        a = policy(obs)
+        out = model.step(a)
+        actions.append(a)
+        outs.append(out)
+        obs = out.observation
+    return np.array(actions), outs, states
+
+
+@pytest.fixture(scope="module")
+def contact_run():
+    model = PushTSim()
+    model.start(pusht.DEFAULT_PROMPT, seed=11)
+    actions, outs, states = scripted_run(model, 150, seed=11)
+    return actions, outs, states
+
+
+def test_prompts_name_at_least_four_distinct_goals():
+    goals = {tuple(np.round(pusht.goal_pose(p), 6)) for p in pusht.PROMPTS}
+    assert len(pusht.PROMPTS) >= 4 and len(goals) == len(pusht.PROMPTS)
+    model = PushTSim()
+    obs, _ = model.start("push the T to the left", seed=0)
+    np.testing.assert_allclose(obs["goal_pose"], pusht.GOALS["push the T to the left"], rtol=1e-6)
+    with pytest.raises(UnknownPromptError, match="valid prompts are"):
+        model.start("push the T to the moon", seed=0)
+
+
+def test_the_scripted_run_exercises_contacts(contact_run):
+    _, outs, states = contact_run
+    in_contact = [len(s.tensors["physics/arbiters_f"]) for s in states]
+    assert sum(n > 0 for n in in_contact) > 30, "the test run must touch the T often"
+    assert max(in_contact) >= 2, "and sometimes with two contacts at once"
+
+
+def test_restore_inside_contacts_is_bit_exact(contact_run):
+    actions, outs, states = contact_run
+    starts = [k for k, s in enumerate(states) if len(s.tensors["physics/arbiters_f"])][::5]
+    assert starts
+    for k in starts:
+        model = PushTSim()
+        model.load_state(states[k])
+        for j in range(k, min(k + 30, len(actions))):
+            out = model.step(actions[j])
+            np.testing.assert_array_equal(out.info["block_pose"], outs[j].info["block_pose"])
+            np.testing.assert_array_equal(out.info["agent_pos"], outs[j].info["agent_pos"])
+            assert out.reward == outs[j].reward
+
+
+def test_the_contact_cache_matters(contact_run):
+    """Dropping the saved contacts (what a naive copy does) changes the future: the
+    warm-start impulses are real state, which is why they are captured."""
+    actions, outs, states = contact_run
+    diverged = 0
+    for k, s in enumerate(states):
+        if not len(s.tensors["physics/arbiters_f"]):
+            continue
+        tensors = dict(s.tensors)
+        tensors["physics/arbiters_f"] = tensors["physics/arbiters_f"][:0]
+        tensors["physics/arbiters_i"] = tensors["physics/arbiters_i"][:0]
+        model = PushTSim()
+        model.load_state(ModelState(tensors, dict(s.meta)))
+        out = model.step(actions[k])
+        diverged += not np.array_equal(out.info["block_pose"], outs[k].info["block_pose"])
+    assert diverged > 0
+
+
+def test_matches_gym_pusht_exactly_until_the_first_contact():
+    """Away from contacts pusht-sim is gym-pusht to the last bit (same env class, same
+    controller); at contacts it solves with a history-free broad phase (documented)."""
+    init = pusht.sample_initial_state(np.random.default_rng(4))
+    raw = PushTEnv(obs_type="state")
+    raw.reset(options={"reset_to_state": init})
+    model = PushTSim()
+    model.start(pusht.DEFAULT_PROMPT, seed=4, initial_state=init)
+    policy = ScriptedPusher(np.random.default_rng(4), noise_px=0.0, waypoint_prob=0.0)
+    obs = model.observe()
+    compared = 0
+    for _ in range(100):
+        a = policy(obs)
+        out = model.step(a)
+        _, reward, _, _, info = raw.step(pusht.action_to_target(a))
+        if info["n_contacts"] or out.info["n_contacts"]:
+            break
+        np.testing.assert_array_equal(out.info["agent_pos"], info["pos_agent"])
+        np.testing.assert_array_equal(out.info["block_pose"], info["block_pose"])
+        assert out.reward == pytest.approx(reward, abs=1e-12)
+        compared += 1
+        obs = out.observation
+    assert compared >= 3
+
+
+def test_set_prompt_changes_goal_and_reward_but_not_history():
+    model = PushTSim()
+    model.start(pusht.DEFAULT_PROMPT, seed=2, initial_state=np.array([100, 100, 256, 256, 0.0]))
+    out = model.step(np.zeros(2))
+    assert out.info["coverage"] > 0.2
+    frames_before = model.frame_count
+    model.set_prompt("push the T to the right")
+    state = model.extract_state()
+    assert state.meta["coverage"] < out.info["coverage"] / 2
+    assert model.frame_count == frames_before
+    np.testing.assert_allclose(model.observe()["goal_pose"], pusht.GOALS["push the T to the right"], rtol=1e-6)
+
+
+def test_action_repeat_and_frame_size():
+    model = PushTSim(action_repeat=3, frame_size=64)
+    model.start(pusht.DEFAULT_PROMPT, seed=0)
+    model.step(np.array([0.5, 0.5]))
+    assert model.decode_frame(1).shape == (64, 64, 3)
+    other = PushTSim(action_repeat=1)
+    with pytest.raises(Exception, match="action_repeat"):
+        other.load_state(model.extract_state())
+    with pytest.raises(ValueError, match="action_repeat"):
+        PushTSim(action_repeat=0)
