@@ -8,7 +8,6 @@ the :class:`~arcfab_gym.fabric.session.Session` at ``env.unwrapped.fabric``.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +194,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         """The whole state as a picklable :class:`WorldStateSnapshot` (not stored in the
         tree). With ``include_rng`` it also carries the env's RNG (used by ``reset``), and
         restoring it restores the backend's sampling RNG too."""
-        rng_state = copy.deepcopy(self.np_random.bit_generator.state) if include_rng else None
+        rng_state = _copy_rng_state(self.np_random.bit_generator.state) if include_rng else None
         snap = self.fabric.extract_state(rng_state=rng_state)
         snap.extra["include_rng"] = bool(include_rng)
         return snap
@@ -210,7 +209,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         include_rng = bool(state.extra.get("include_rng", True))
         self.fabric.load_snapshot(state, include_rng=include_rng)
         if include_rng and state.rng_state is not None:
-            self.np_random.bit_generator.state = copy.deepcopy(state.rng_state)
+            self.np_random.bit_generator.state = _copy_rng_state(state.rng_state)
 
     # --- extras ----------------------------------------------------------------------------
     @property
@@ -226,3 +225,8 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         if self.pixels:
             out["pixels"] = self.fabric.get_decoded_frame()
         return out
+
+
+def _copy_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a numpy bit-generator state (nested dicts of ints and strings)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}

@@ -283,7 +283,8 @@ class Session:
         ``restoreState``); the rewindable history restarts at its frame."""
         self._check_open()
         self._load(snapshot, include_rng=include_rng)
-        state = self.model.extract_state()
+        # Snapshots are immutable by contract, so the history can share its tensors.
+        state = snapshot.model_state
         self._history = [_Frame(snapshot.frame_index, state, anchor_id=snapshot.parent_id)]
         if snapshot.checkpoint_id is not None and snapshot.checkpoint_id in self.tree:
             self._history[-1].anchor_id = snapshot.checkpoint_id

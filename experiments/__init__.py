@@ -1,0 +1,1 @@
+"""Runnable experiments (Hydra apps): ``python -m experiments.<name>``."""
