@@ -1,0 +1,271 @@
+"""The causal world-action transformer of ``mini-dreamzero`` (DreamZero's
+``CausalWanModel`` at CPU scale).
+
+A frame is ``T_F = 16`` latent tokens (4x4 patches of a 16x16x4 VAE latent). Each layer
+has block-causal self-attention with rotary positions over the frame index (so a sliding
+window of cached keys stays valid), cross-attention over the prompt's tokens and the first
+frame's image tokens (``clip_feas``), and an MLP. The first frame's latent (``ys``) is
+concatenated to every frame's token input, as Wan's image-to-video conditioning does.
+
+Two passes share the weights:
+
+* **write**: a clean frame's tokens attend to the cache and to themselves; their keys and
+  values (per layer) are what the KV cache stores -- observation tokens only;
+* **denoise**: the next frame's noisy tokens plus an action token and a state token attend
+  to the frozen cache and to themselves, and predict the flow-matching velocity; the state
+  token predicts the next pusher position. Action and state tokens are never cached.
+
+Training runs both passes at once over a clip with a block-causal mask (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arcfab_gym.tasks import pusht
+
+_PAD, _NULL = 0, 1
+
+
+def build_vocab(prompts: tuple[str, ...]) -> tuple[str, ...]:
+    words = sorted({w for p in prompts for w in p.lower().split()})
+    return ("<pad>", "<null>", *words)
+
+
+@dataclass
+class DynamicsConfig:
+    latent_channels: int = 4
+    latent_size: int = 16
+    patch: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    mlp_ratio: int = 4
+    local_attn_size: int = 16  # frames of keys the self-attention cache keeps
+    num_frame_per_block: int = 1  # frames generated per call
+    max_text_tokens: int = 8
+    n_image_tokens: int = 4  # clip_feas: 2x2 pooled patches of the first frame
+    n_mixture: int = 4  # components of the action-proposal mixture
+    rope_base: float = 1000.0
+    prompts: tuple[str, ...] = pusht.PROMPTS
+    vocab: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if not self.vocab:
+            self.vocab = build_vocab(tuple(self.prompts))
+        self.prompts = tuple(self.prompts)
+        self.vocab = tuple(self.vocab)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_size // self.patch) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch * self.patch
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """[..., C, H, W] -> [..., (H/p)(W/p), C p p]."""
+    *lead, c, h, w = z.shape
+    n = len(lead)
+    x = z.reshape(*lead, c, h // p, p, w // p, p)
+    x = x.permute(*range(n), n + 1, n + 3, n, n + 2, n + 4)  # [..., h/p, w/p, C, p, p]
+    return x.reshape(*lead, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, c: int, h: int, w: int, p: int) -> torch.Tensor:
+    """[..., (H/p)(W/p), C p p] -> [..., C, H, W]."""
+    *lead, _, _ = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, h // p, w // p, c, p, p)
+    x = x.permute(*range(n), n + 2, n, n + 3, n + 1, n + 4)
+    return x.reshape(*lead, c, h, w)
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[...] -> [..., dim] sinusoidal embedding of values in about [0, 1]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half)
+    ang = t[..., None].float() * 1000.0 * freqs
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+class Rope(nn.Module):
+    """Rotary embedding over the frame index, applied to all head dims."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, H, L, hd], pos [L] or [B, L] (float) -> rotated x."""
+        ang = pos[..., None].float() * self.inv_freq  # [(B,) L, hd/2]
+        if ang.dim() == 3:
+            ang = ang[:, None]
+        cos, sin = ang.cos(), ang.sin()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out.flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DynamicsConfig, rope: Rope):
+        super().__init__()
+        d, self.h, self.hd = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.rope = rope
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.q_cross = nn.Linear(d, d)
+        self.kv_cross = nn.Linear(d, 2 * d)
+        self.proj_cross = nn.Linear(d, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d)
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.h, self.hd).transpose(1, 2)  # [B, H, L, hd]
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B, Lc, d] -> cacheable cross-attention keys/values [B, H, Lc, hd] x 2."""
+        k, v = self.kv_cross(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, L, d]
+        pos: torch.Tensor,  # [L] frame index of each token
+        cross: tuple[torch.Tensor, torch.Tensor],  # [B, H, Lc, hd] x 2
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # [B, H, Lk, hd] x 2
+        mask: torch.Tensor | None = None,  # [L, Lk + L] bool, True = attend
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the new hidden states and this pass's (roped) keys and values."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is not None:
+            keys, values = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        else:
+            keys, values = k, v
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
+        qc = self._heads(self.q_cross(self.norm2(x)))
+        att = F.scaled_dot_product_attention(qc, cross[0], cross[1])
+        x = x + self.proj_cross(att.transpose(1, 2).reshape(b, n, d))
+        x = x + self.mlp(self.norm3(x))
+        return x, (k, v)
+
+
+class WorldTransformer(nn.Module):
+    """The dynamics network plus its heads. Shapes: ``T_F`` tokens per frame, ``P`` =
+    patch dim (64), ``d`` = model width."""
+
+    def __init__(self, cfg: DynamicsConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or DynamicsConfig()
+        d, P, tf = cfg.d_model, cfg.patch_dim, cfg.tokens_per_frame
+        self.rope = Rope(cfg.head_dim, cfg.rope_base)
+        self.word = nn.Embedding(len(cfg.vocab), d)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_tokens, d))
+        self.img_proj = nn.Linear(cfg.latent_channels * (cfg.latent_size // 2) ** 2, d)
+        self.img_pos = nn.Parameter(torch.zeros(cfg.n_image_tokens, d))
+        self.in_proj = nn.Linear(2 * P, d)  # [latent patch, ys patch]
+        self.spatial = nn.Parameter(torch.randn(tf, d) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(64, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_in = nn.Linear(2, d)
+        self.state_in = nn.Linear(4, d)
+        self.type_emb = nn.Parameter(torch.randn(2, d) * 0.02)  # action, state
+        self.blocks = nn.ModuleList(Block(cfg, self.rope) for _ in range(cfg.n_layers))
+        self.norm_out = nn.LayerNorm(d)
+        self.velocity = nn.Linear(d, P)
+        self.next_agent = nn.Linear(d, 2)
+        # Heads on a clean frame (pooled tokens) and the goal prompt (pooled text).
+        self.head_trunk = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU())
+        self.coverage = nn.Linear(d, 1)
+        self.success = nn.Linear(d, 1)
+        self.block_pose = nn.Linear(d, 4)  # x, y (normalised), sin, cos
+        self.action_mdn = nn.Linear(d, cfg.n_mixture * 5)  # logit, mean (2), log std (2)
+        nn.init.zeros_(self.velocity.weight)
+        nn.init.zeros_(self.velocity.bias)
+
+    # --- conditioning -------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> token ids [B, max_text_tokens] (the language key of the state)."""
+        index = {w: i for i, w in enumerate(self.cfg.vocab)}
+        out = torch.full((len(prompts), self.cfg.max_text_tokens), _PAD, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids = [index[w] for w in p.lower().split()][: self.cfg.max_text_tokens]
+            out[b, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def encode_text(self, ids: torch.Tensor, null: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, Lt] -> text tokens [B, Lt, d]; rows where ``null`` is True get the
+        unconditional (CFG) text."""
+        if null is not None:
+            ids = torch.where(null[:, None], torch.full_like(ids, _NULL), ids)
+        return self.word(ids) + self.text_pos
+
+    def encode_image(self, first_latent: torch.Tensor) -> torch.Tensor:
+        """first frame latent [B, C, S, S] -> clip_feas [B, 4, d] (2x2 pooled patches)."""
+        s = self.cfg.latent_size // 2
+        return self.img_proj(patchify(first_latent, s)) + self.img_pos
+
+    def cross_context(self, text: torch.Tensor, image: torch.Tensor) -> list:
+        """Per-layer cross-attention keys/values over [text; image] (the cross cache)."""
+        ctx = torch.cat([text, image], dim=1)
+        return [blk.cross_kv(ctx) for blk in self.blocks]
+
+    # --- token builders -------------------------------------------------------------------
+    def frame_tokens(self, latent: torch.Tensor, ys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """latent, ys [B, C, S, S] (or already patchified [B, T_F, P]); t [B] noise level
+        (1 = clean) -> [B, T_F, d]."""
+        p = self.cfg.patch
+        lat = latent if latent.dim() == 3 else patchify(latent, p)
+        y = ys if ys.dim() == 3 else patchify(ys, p)
+        x = self.in_proj(torch.cat([lat, y], dim=-1)) + self.spatial
+        return x + self.time_mlp(sinusoid(t, 64))[:, None]
+
+    def control_tokens(self, action: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """action [B, 2] in [-1, 1], state [B, 4] (pusher now and one frame before,
+        normalised) -> [B, 2, d]."""
+        a = self.action_in(action) + self.type_emb[0]
+        s = self.state_in(state) + self.type_emb[1]
+        return torch.stack([a, s], dim=1)
+
+    # --- passes ----------------------------------------------------------------------------
+    def run(self, x, pos, cross, caches=None, mask=None):
+        """Through every block; returns final hidden [B, L, d] and per-layer (k, v)."""
+        kvs = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, pos, cross[i], None if caches is None else caches[i], mask)
+            kvs.append(kv)
+        return self.norm_out(x), kvs
+
+    def heads(self, hidden: torch.Tensor, goal_text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Clean-frame hidden [..., T_F, d] and goal text tokens [..., Lt, d] -> head outputs."""
+        feat = torch.cat([hidden.mean(-2), goal_text.mean(-2)], dim=-1)
+        h = self.head_trunk(feat)
+        mdn = self.action_mdn(h).unflatten(-1, (self.cfg.n_mixture, 5))
+        return {
+            "coverage": torch.sigmoid(self.coverage(h)).squeeze(-1),
+            "success_logit": self.success(h).squeeze(-1),
+            "block_pose": self.block_pose(h),
+            "mdn_logits": mdn[..., 0],
+            "mdn_mean": torch.tanh(mdn[..., 1:3]),
+            "mdn_log_std": mdn[..., 3:5].clamp(-5, 1),
+        }

@@ -1,0 +1,204 @@
+"""Training pieces for mini-dreamzero's dynamics: data encoding, clip sampling, and the
+teacher-forced flow-matching loss over a block-causal sequence."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arcfab_gym.models.mini_dreamzero.network import WorldTransformer, patchify
+from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, frames_to_tensor
+from arcfab_gym.tasks import pusht
+
+#: Std of the noise added to context latents in training, so that rollouts on the
+#: model's own (imperfect) frames stay in distribution.
+CONTEXT_NOISE = 0.1
+#: Share of rows trained without text (the unconditional CFG branch).
+TEXT_DROPOUT = 0.1
+
+
+def normalise_pos(xy: np.ndarray) -> np.ndarray:
+    """px in [0, 512] -> [-1, 1]."""
+    return xy / (pusht.WORLD_SIZE / 2) - 1.0
+
+
+def block_features(pose: np.ndarray) -> np.ndarray:
+    """[..., 3] (x, y, angle) -> [..., 4] (x, y normalised, sin, cos)."""
+    return np.concatenate(
+        [normalise_pos(pose[..., :2]), np.sin(pose[..., 2:3]), np.cos(pose[..., 2:3])], axis=-1
+    ).astype(np.float32)
+
+
+@torch.no_grad()
+def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512) -> dict:
+    """Episodes from ``experiments.collect`` -> tensors for training (latents, targets)."""
+    frames = data["frames"]  # [E, T, S, S, 3]
+    E, T = frames.shape[:2]
+    flat = frames.reshape(E * T, *frames.shape[2:])
+    z = torch.cat([vae.encode(frames_to_tensor(flat[i : i + chunk])) for i in range(0, len(flat), chunk)])
+    poses = data["block_pose"].astype(np.float64)
+    cov = np.zeros((E, T, len(pusht.PROMPTS)), np.float32)
+    for e in range(E):
+        for t in range(T):
+            poly = pusht.t_polygon(poses[e, t])
+            for k, p in enumerate(pusht.PROMPTS):
+                cov[e, t, k] = pusht.coverage(poly, pusht.goal_pose(p))
+    return {
+        "z": z.view(E, T, *z.shape[1:]),  # [E, T, C, S, S]
+        "agent": torch.from_numpy(normalise_pos(data["agent_pos"]).astype(np.float32)),
+        "actions": torch.from_numpy(data["actions"].astype(np.float32)),  # [E, T-1, 2]
+        "block": torch.from_numpy(block_features(poses)),  # [E, T, 4]
+        "coverage": torch.from_numpy(cov),  # [E, T, n_prompts]
+        "prompt_id": torch.from_numpy(data["prompt_id"].astype(np.int64)),
+        "frames": frames,
+    }
+
+
+class ClipSampler:
+    """Random clips of ``T`` consecutive frames from encoded episodes."""
+
+    def __init__(self, data: dict, clip_frames: int, rng: np.random.Generator):
+        self.data, self.T, self.rng = data, clip_frames, rng
+        self.E, self.L = data["z"].shape[:2]
+        if self.L < clip_frames:
+            raise ValueError(f"episodes have {self.L} frames, clips need {clip_frames}")
+
+    def sample(self, batch: int) -> dict[str, torch.Tensor]:
+        d, T = self.data, self.T
+        e = torch.from_numpy(self.rng.integers(self.E, size=batch))
+        s = torch.from_numpy(self.rng.integers(self.L - T + 1, size=batch))
+        idx = s[:, None] + torch.arange(T)  # [B, T]
+        prev = (idx - 1).clamp_min(0)
+        ee = e[:, None]
+        return {
+            "z": d["z"][ee, idx],  # [B, T, C, S, S]
+            "ys": d["z"][e, 0],  # [B, C, S, S] first frame of the episode
+            "agent": d["agent"][ee, idx],  # [B, T, 2]
+            "agent_prev": d["agent"][ee, prev],  # [B, T, 2]
+            "actions": d["actions"][ee, idx[:, :-1]],  # [B, T-1, 2]
+            "block": d["block"][ee, idx],  # [B, T, 4]
+            "coverage": d["coverage"][ee, idx],  # [B, T, P]
+            "prompt_id": d["prompt_id"][e],  # [B]
+            "start": s,  # [B]
+        }
+
+
+@functools.lru_cache(maxsize=8)
+def training_mask(n_blocks: int, tf: int) -> torch.Tensor:
+    """Block-causal mask [L, L] over ``n_blocks`` clean blocks (``tf`` tokens each) then
+    ``n_blocks`` noisy blocks (``tf + 2`` tokens: frame, action, state). Clean block i
+    sees clean blocks <= i; noisy block j (predicting frame j+1) sees clean blocks <= j
+    and itself -- what the KV cache gives at inference."""
+    tn = tf + 2
+    lc, ln = n_blocks * tf, n_blocks * tn
+    clean_block = torch.arange(lc) // tf
+    noisy_block = torch.arange(ln) // tn
+    mask = torch.zeros(lc + ln, lc + ln, dtype=torch.bool)
+    mask[:lc, :lc] = clean_block[:, None] >= clean_block[None, :]
+    mask[lc:, :lc] = noisy_block[:, None] >= clean_block[None, :]
+    mask[lc:, lc:] = noisy_block[:, None] == noisy_block[None, :]
+    return mask
+
+
+def state_features(agent: torch.Tensor, agent_prev: torch.Tensor) -> torch.Tensor:
+    """The state token's input: the pusher now and one frame before, [..., 4]."""
+    return torch.cat([agent, agent_prev], dim=-1)
+
+
+def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    cfg = net.cfg
+    z, ys = batch["z"], batch["ys"]
+    B, T = z.shape[:2]
+    n, tf, d = T - 1, cfg.tokens_per_frame, cfg.d_model
+    ids = net.tokenize([cfg.prompts[i] for i in batch["prompt_id"].tolist()])
+    null = torch.rand(B) < TEXT_DROPOUT if net.training else torch.zeros(B, dtype=torch.bool)
+    cross = net.cross_context(net.encode_text(ids, null), net.encode_image(ys))
+    ys_rep = ys[:, None].expand(B, n, *ys.shape[1:]).flatten(0, 1)
+    # Clean context blocks 0..T-2, slightly noised.
+    sigma = torch.rand(B, 1, 1, 1, 1) * CONTEXT_NOISE if net.training else torch.zeros(B, 1, 1, 1, 1)
+    zc = z[:, :n] + sigma * torch.randn_like(z[:, :n])
+    clean = net.frame_tokens(zc.flatten(0, 1), ys_rep, torch.ones(B * n)).view(B, n * tf, d)
+    # Noisy blocks 1..T-1 (flow matching: x_t = t x1 + (1 - t) eps, velocity x1 - eps).
+    x1 = z[:, 1:]
+    eps = torch.randn_like(x1)
+    t = torch.sigmoid(torch.randn(B, n) * 1.2 + 0.3)
+    xt = t[..., None, None, None] * x1 + (1 - t[..., None, None, None]) * eps
+    noisy = net.frame_tokens(xt.flatten(0, 1), ys_rep, t.flatten()).view(B, n, tf, d)
+    state = state_features(batch["agent"][:, :n], batch["agent_prev"][:, :n])
+    ctrl = net.control_tokens(batch["actions"].flatten(0, 1), state.flatten(0, 1)).view(B, n, 2, d)
+    seq = torch.cat([clean, torch.cat([noisy, ctrl], dim=2).view(B, n * (tf + 2), d)], dim=1)
+    offset = batch["start"].float()[:, None]
+    pos = torch.cat(
+        [
+            (torch.arange(n).repeat_interleave(tf)[None] + offset),
+            (torch.arange(1, T).repeat_interleave(tf + 2)[None] + offset),
+        ],
+        dim=1,
+    )  # [B, L]
+    hidden, _ = net.run(seq, pos, cross, mask=training_mask(n, tf))
+    h_clean = hidden[:, : n * tf].view(B, n, tf, d)
+    h_noisy = hidden[:, n * tf :].view(B, n, tf + 2, d)
+    v_pred = net.velocity(h_noisy[:, :, :tf])
+    v_true = patchify(x1 - eps, cfg.patch)
+    loss_fm = F.mse_loss(v_pred, v_true)
+    loss_agent = F.mse_loss(net.next_agent(h_noisy[:, :, tf + 1]), batch["agent"][:, 1:])
+    # Heads on clean frames, asked about the episode's goal or another prompt's.
+    goal = torch.where(torch.rand(B) < 0.5, batch["prompt_id"], torch.randint(len(cfg.prompts), (B,)))
+    goal_text = net.encode_text(net.tokenize([cfg.prompts[i] for i in goal.tolist()]))
+    heads = net.heads(h_clean, goal_text[:, None].expand(B, n, *goal_text.shape[1:]))
+    cov = batch["coverage"][:, :n].gather(-1, goal[:, None, None].expand(B, n, 1)).squeeze(-1)
+    loss_cov = F.mse_loss(heads["coverage"], cov)
+    success = (cov > pusht.SUCCESS_THRESHOLD).float()
+    loss_succ = F.binary_cross_entropy_with_logits(heads["success_logit"], success)
+    loss_block = F.mse_loss(heads["block_pose"], batch["block"][:, :n])
+    nll = mdn_nll(heads, batch["actions"])
+    loss = loss_fm + 2.0 * loss_agent + 4.0 * loss_cov + 0.2 * loss_succ + loss_block + 0.02 * nll
+    parts = {
+        "flow": loss_fm.item(), "agent": loss_agent.item(), "coverage": loss_cov.item(),
+        "success": loss_succ.item(), "block_pose": loss_block.item(), "action_nll": nll.item(),
+    }  # fmt: skip
+    return loss, parts
+
+
+def mdn_nll(heads: dict, actions: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``actions`` [..., 2] under the proposal mixture."""
+    logits, mean, log_std = heads["mdn_logits"], heads["mdn_mean"], heads["mdn_log_std"]
+    a = actions[..., None, :]  # [..., 1, 2]
+    comp = -0.5 * (((a - mean) / log_std.exp()) ** 2).sum(-1) - log_std.sum(-1)
+    return -(torch.logsumexp(F.log_softmax(logits, -1) + comp, dim=-1)).mean()
+
+
+@torch.no_grad()
+def imagine(model, frames: np.ndarray, agent_pos: np.ndarray, actions: np.ndarray,
+            prompt: str, *, context: int, horizon: int, seed: int = 0) -> list[int]:
+    """Teacher-force ``context`` real frames into ``model`` (a MiniDreamZero), then roll out
+    ``horizon`` frames open-loop under the recorded actions. Returns the indices of the
+    imagined frames in the model's history (decode them with ``model.decode_frame``)."""
+    model.start_from_frame(frames[0], agent_pos[0], prompt=prompt, seed=seed)
+    for t in range(1, context):
+        model.step(actions[t - 1])
+        model.resync(frames[t], agent_pos[t])
+    for t in range(context, context + horizon):
+        model.step(actions[t - 1])
+    return list(range(context, context + horizon))
+
+
+@torch.no_grad()
+def open_loop_rollout(net, vae, data: dict, *, episode: int, start: int, horizon: int) -> np.ndarray:
+    """A picture for TensorBoard: real frames (top) and frames imagined open-loop from
+    frame ``start`` under the recorded actions (bottom), uint8 ``[2S, horizon*S, 3]``."""
+    from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero, Weights
+
+    model = MiniDreamZero(_weights=Weights(vae=vae, net=net, meta={}, source="training"))
+    frames = data["frames"][episode]
+    agent = (data["agent"][episode].numpy() + 1.0) * (pusht.WORLD_SIZE / 2)
+    prompt = pusht.PROMPTS[int(data["prompt_id"][episode])]
+    horizon = min(horizon, len(frames) - start)
+    idx = imagine(model, frames, agent, data["actions"][episode].numpy(), prompt,
+                  context=start, horizon=horizon)
+    real = np.concatenate(list(frames[start : start + horizon]), axis=1)
+    pred = np.concatenate([model.decode_frame(i) for i in idx], axis=1)
+    return np.concatenate([real, pred], axis=0)

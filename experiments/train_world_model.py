@@ -1,0 +1,220 @@
+"""Train ``mini-dreamzero`` on collected Push-T episodes: the VAE, then the dynamics.
+
+    python -m experiments.train_world_model stage=vae minutes=15
+    python -m experiments.train_world_model stage=dynamics minutes=55
+    python -m experiments.train_world_model stage=all tiny=true      # seconds, for CI
+
+Logs go to TensorBoard under the run directory (losses, PSNR, reconstructions, predicted
+vs. real rollouts as images); weights are saved as safetensors to ``out_dir`` (by default
+the package's shipped weights folder is left alone: pass ``out_dir=`` to write there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from arcfab_gym.models.mini_dreamzero.network import DynamicsConfig, WorldTransformer
+from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig, frames_to_tensor, psnr
+
+
+@dataclass
+class TrainConfig:
+    """Arguments of world-model training."""
+
+    stage: str = "all"
+    """vae, dynamics, or all."""
+    train_data: str = "data/pusht_train.npz"
+    """Episodes from experiments.collect."""
+    test_data: str = "data/pusht_test.npz"
+    """Held-out episodes (for the logged metrics)."""
+    out_dir: str = "runs/weights"
+    """Where vae.safetensors, dynamics.safetensors and config.json go."""
+    minutes: float = 15.0
+    """Wall-clock budget of the stage (each stage when stage=all)."""
+    max_steps: int = 1_000_000
+    """Step limit (whichever comes first)."""
+    batch_size: int = 32
+    """Frames (VAE) or clips (dynamics) per step."""
+    clip_frames: int = 8
+    """Frames per training clip (dynamics)."""
+    lr: float = 2e-3
+    """Peak learning rate (cosine decay to 5 % over the budget)."""
+    seed: int = 0
+    """Torch and sampling seed."""
+    threads: int = 2
+    """torch CPU threads."""
+    log_every: int = 50
+    """Steps between TensorBoard scalars."""
+    image_every: int = 500
+    """Steps between TensorBoard images."""
+    tiny: bool = False
+    """A few steps of tiny models on a slice of the data (tests, CI)."""
+
+
+ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
+
+
+def _lr(step_frac: float, peak: float) -> float:
+    warm = min(1.0, step_frac / 0.03)
+    return peak * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step_frac, 1.0))))
+
+
+def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
+    """Fraction of the budget used (time or steps)."""
+    return max((time.perf_counter() - t0) / (cfg.minutes * 60), step / cfg.max_steps)
+
+
+def load_npz(path: str, tiny: bool) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    if tiny:
+        data = {k: v[:8] for k, v in data.items()}
+    return data
+
+
+def train_vae(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> FrameVAE:
+    train = load_npz(cfg.train_data, cfg.tiny)["frames"]
+    test = load_npz(cfg.test_data, cfg.tiny)["frames"]
+    frames = train.reshape(-1, *train.shape[2:])  # [N, S, S, 3]
+    held = frames_to_tensor(test[:, :: max(1, test.shape[1] // 8)].reshape(-1, *test.shape[2:])[:256])
+    vae = FrameVAE(VAEConfig(frame_size=frames.shape[1], width=16 if cfg.tiny else 64))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(cfg.seed)
+    t0, step = time.perf_counter(), 0
+    bar = tqdm(desc="vae", unit="step", total=None)
+    while _budget(cfg, t0, step) < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr)
+        batch = frames_to_tensor(frames[rng.integers(len(frames), size=cfg.batch_size * 2)])
+        loss, parts = vae.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            writer.add_scalar("vae/loss", loss.item(), step)
+            writer.add_scalar("vae/recon", parts["recon"].item(), step)
+            writer.add_scalar("vae/kl", parts["kl"].item(), step)
+            writer.add_scalar("vae/lr", opt.param_groups[0]["lr"], step)
+        if step % cfg.image_every == 0 or _budget(cfg, t0, step) >= 1.0:
+            with torch.no_grad():
+                recon = vae.decode(vae.encode(held))
+                p = psnr(recon, held).mean().item()
+            writer.add_scalar("vae/heldout_psnr", p, step)
+            bar.set_postfix(psnr=f"{p:.2f}", loss=f"{loss.item():.4f}")
+            writer.add_images("vae/real_top_recon_bottom", torch.cat([held[:8], recon[:8]]), step)
+    bar.close()
+    with torch.no_grad():
+        sample = frames_to_tensor(frames[rng.integers(len(frames), size=2048)])
+        std = torch.cat([vae.encode_dist(c)[0] for c in sample.split(256)]).std()
+    vae.latent_scale.fill_(float(std))
+    save_file(vae.state_dict(), str(out_dir / "vae.safetensors"))
+    _update_config(out_dir, {"vae": asdict(vae.cfg), "vae_steps": step})
+    return vae
+
+
+def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> WorldTransformer:
+    from arcfab_gym.models.mini_dreamzero.training import (
+        ClipSampler,
+        dynamics_loss,
+        encode_episodes,
+        open_loop_rollout,
+    )
+
+    meta = json.loads((out_dir / "config.json").read_text())
+    vae = FrameVAE(VAEConfig(**meta["vae"]))
+    vae.load_state_dict(load_file(str(out_dir / "vae.safetensors")))
+    vae.eval()
+    train = encode_episodes(vae, load_npz(cfg.train_data, cfg.tiny))
+    test = encode_episodes(vae, load_npz(cfg.test_data, cfg.tiny))
+    dcfg = DynamicsConfig(d_model=32, n_heads=2, n_layers=2) if cfg.tiny else DynamicsConfig()
+    net = WorldTransformer(dcfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-4)
+    sampler = ClipSampler(train, cfg.clip_frames, np.random.default_rng(cfg.seed))
+    test_sampler = ClipSampler(test, cfg.clip_frames, np.random.default_rng(cfg.seed + 1))
+    t0, step = time.perf_counter(), 0
+    bar = tqdm(desc="dynamics", unit="step", total=None)
+    history: list[float] = []
+    while _budget(cfg, t0, step) < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr * 0.5)
+        net.train()
+        loss, parts = dynamics_loss(net, sampler.sample(cfg.batch_size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        history.append(loss.item())
+        if step % cfg.log_every == 0:
+            for k, v in parts.items():
+                writer.add_scalar(f"dynamics/{k}", v, step)
+            writer.add_scalar("dynamics/lr", opt.param_groups[0]["lr"], step)
+            net.eval()
+            with torch.no_grad():
+                test_loss, test_parts = dynamics_loss(net, test_sampler.sample(cfg.batch_size))
+            writer.add_scalar("dynamics/heldout_loss", test_loss.item(), step)
+            bar.set_postfix(loss=f"{np.mean(history[-cfg.log_every:]):.4f}",
+                            held=f"{test_loss.item():.4f}")
+        if step % cfg.image_every == 0 or _budget(cfg, t0, step) >= 1.0:
+            net.eval()
+            strip = open_loop_rollout(net, vae, test, episode=0, start=4, horizon=12)
+            writer.add_image("dynamics/real_top_predicted_bottom", strip, step, dataformats="HWC")
+    bar.close()
+    save_file(net.state_dict(), str(out_dir / "dynamics.safetensors"))
+    dyn = asdict(dcfg)
+    _update_config(out_dir, {"dynamics": dyn, "dynamics_steps": step,
+                             "dynamics_final_loss": float(np.mean(history[-50:]))})
+    return net
+
+
+def _update_config(out_dir: Path, values: dict) -> None:
+    path = out_dir / "config.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta.update(values)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> Path:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run_dir / "tb"))
+    writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=1) + "\n```")
+    if cfg.stage in ("vae", "all"):
+        train_vae(cfg, writer, out_dir)
+    if cfg.stage in ("dynamics", "all"):
+        train_dynamics(cfg, writer, out_dir)
+    writer.close()
+    return out_dir
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train_world_model")
+def main(cfg) -> None:
+    tcfg = TrainConfig(**OmegaConf.to_container(cfg, resolve=True))
+    out = train(tcfg, Path(HydraConfig.get().runtime.output_dir))
+    print(f"weights in {out}")
+
+
+if __name__ == "__main__":
+    main()
