@@ -62,11 +62,17 @@ __all__ = [
 ]
 
 _ENTRY = "arcfab_gym.envs.arcfab_env:ArcFabricEnv"
-for _env_id, _backend in (("ArcFabric-v0", "pusht-sim"), ("ArcFabric-PushTSim-v0", "pusht-sim")):
+#: mini-dreamzero's frame holds the action for 4 control steps, so its episodes have a
+#: quarter of gym-pusht's 300 steps (the same 30 s of Push-T).
+MODEL_ACTION_REPEAT = 4
+for _env_id, _backend, _steps in (
+    ("ArcFabric-v0", "mini-dreamzero", MAX_EPISODE_STEPS // MODEL_ACTION_REPEAT),
+    ("ArcFabric-PushTSim-v0", "pusht-sim", MAX_EPISODE_STEPS),
+):
     if _env_id not in registry:
         register(
             id=_env_id,
             entry_point=_ENTRY,
-            max_episode_steps=MAX_EPISODE_STEPS,
+            max_episode_steps=_steps,
             kwargs={"backend": _backend},
         )

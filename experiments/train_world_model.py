@@ -11,6 +11,7 @@ the package's shipped weights folder is left alone: pass ``out_dir=`` to write t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -63,6 +64,8 @@ class TrainConfig:
     """Steps between TensorBoard images."""
     tiny: bool = False
     """A few steps of tiny models on a slice of the data (tests, CI)."""
+    action_repeat: int = 4
+    """Control steps per frame in the data (experiments.collect's action_repeat)."""
 
 
 ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
@@ -130,6 +133,9 @@ def train_vae(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> FrameVA
 
 
 def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> WorldTransformer:
+    # Imported here (not at module top) so a VAE-only run needs none of it; imported
+    # eagerly here so a long run is not affected by later edits of the backend module.
+    import arcfab_gym.models.mini_dreamzero.backend  # noqa: F401
     from arcfab_gym.models.mini_dreamzero.training import (
         ClipSampler,
         dynamics_loss,
@@ -179,9 +185,13 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
             writer.add_image("dynamics/real_top_predicted_bottom", strip, step, dataformats="HWC")
     bar.close()
     save_file(net.state_dict(), str(out_dir / "dynamics.safetensors"))
-    dyn = asdict(dcfg)
-    _update_config(out_dir, {"dynamics": dyn, "dynamics_steps": step,
-                             "dynamics_final_loss": float(np.mean(history[-50:]))})
+    digest = hashlib.sha256((out_dir / "dynamics.safetensors").read_bytes())
+    digest.update((out_dir / "vae.safetensors").read_bytes())
+    _update_config(out_dir, {
+        "dynamics": asdict(dcfg), "dynamics_steps": step,
+        "dynamics_final_loss": float(np.mean(history[-50:])),
+        "action_repeat": cfg.action_repeat, "weights_id": digest.hexdigest()[:16],
+    })  # fmt: skip
     return net
 
 

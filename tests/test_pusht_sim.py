@@ -133,3 +133,20 @@ def test_action_repeat_and_frame_size():
         other.load_state(model.extract_state())
     with pytest.raises(ValueError, match="action_repeat"):
         PushTSim(action_repeat=0)
+
+
+def test_frames_show_the_current_poses_as_gym_pusht_draws_them():
+    """Regression: pymunk draws cached geometry, so a renderer that only sets poses
+    drew every frame at the setup pose."""
+    model = PushTSim()
+    model.start(pusht.DEFAULT_PROMPT, seed=1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        model.step(rng.uniform(-1, 1, 2))
+    first, last = model.decode_frame(0), model.decode_frame(model.frame_count - 1)
+    assert np.abs(first.astype(int) - last.astype(int)).max() > 100
+    env = model._env  # gym-pusht's own renderer on the live physics state
+    env.observation_width = env.observation_height = model.frame_size
+    ref = env._render(visualize=False)
+    differing = (np.abs(last.astype(int) - ref.astype(int)).max(-1) > 0).sum()
+    assert differing <= 5, f"{differing} pixels differ from gym-pusht's own frame"

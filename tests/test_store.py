@@ -528,3 +528,207 @@ def test_thread_safety_smoke(tmp_path: Path) -> None:
     # 1 shared + 4 threads x 25 puts, each with a unique id.
     assert sm.put(make_snap()) == "cp000102"
     sm.close()
+
+
+# --- unique-storage accounting ----------------------------------------------------------
+BASE = 1024  # float32 elements of the shared tensor -> 4 KiB
+
+
+def shared_snap(i: int, base: torch.Tensor, own: int = 16) -> WorldStateSnapshot:
+    """A snapshot holding a reference to ``base`` (shared) and a small tensor of its own."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return WorldStateSnapshot(
+        tensors={"base": base, "own": torch.rand(own, generator=g)},
+        meta={"i": i},
+        backend="tiny",
+        backend_config={},
+        frame_index=i,
+        prompt="go left",
+        seed=i,
+        created_at=1.0,
+    )
+
+
+def header(sm: StateManager, cid: str) -> int:
+    return len(sm.get_snapshot(cid).header_json())
+
+
+def test_shared_storage_is_counted_once() -> None:
+    base = torch.rand(BASE)
+    with StateManager() as sm:
+        a = sm.put(shared_snap(0, base))
+        b = sm.put(shared_snap(1, base))
+        # a view of the same storage is the same storage
+        c = sm.put(shared_snap(2, base[: BASE // 2]))
+        heads = sum(header(sm, x) for x in (a, b, c))
+        unique = 4 * BASE + 3 * 16 * 4
+        assert sm.memory_bytes == unique + heads
+        logical = sum(sm.get_snapshot(x).size_bytes() for x in (a, b, c))
+        assert sm.logical_bytes == logical == 4 * (BASE + BASE + BASE // 2 + 3 * 16) + heads
+        s = sm.stats()
+        assert s["memory_bytes"] == sm.memory_bytes and s["logical_bytes"] == logical
+        assert s["shared_bytes_saved"] == logical - sm.memory_bytes == 4 * (BASE + BASE // 2)
+        assert s["unique_storages"] == 4
+
+
+def test_checkpoints_of_a_sharing_model_count_the_shared_tensor_once() -> None:
+    class SharingModel(TinyModel):
+        def extract_state(self):  # references, not copies (like mini-dreamzero)
+            st = super().extract_state()
+            st.tensors["trace"] = self._trace
+            return st
+
+    m = SharingModel(payload=BASE)
+    m.start("go left", seed=0)
+    with StateManager(m) as sm:
+        a = sm.checkpoint("s")
+        b = sm.checkpoint("s")  # same trace tensor; rng state is a fresh tensor each time
+        rng = m._gen.get_state().numel()
+        assert sm.memory_bytes == 4 * BASE + 2 * rng + header(sm, a) + header(sm, b)
+        m.step(ZERO)  # the model makes a new trace tensor; the stored one is untouched
+        c = sm.checkpoint("s")
+        assert sm.memory_bytes == 2 * 4 * BASE + 3 * rng + sum(header(sm, x) for x in (a, b, c))
+
+
+def test_spilling_or_freeing_one_keeps_the_shared_bytes(tmp_path: Path) -> None:
+    base = torch.rand(BASE)
+    with StateManager(spill_dir=tmp_path) as sm:
+        a = sm.put(shared_snap(0, base))
+        b = sm.put(shared_snap(1, base))
+        ha, hb = header(sm, a), header(sm, b)
+        own = 16 * 4
+        both = sm.memory_bytes
+        assert both == 4 * BASE + 2 * own + ha + hb
+        # Spill a: only its own tensor and header leave memory; b still holds base.
+        sm._spill_one(a, sm._entries[a])
+        assert sm.is_spilled(a)
+        assert sm.memory_bytes == 4 * BASE + own + hb == sm.logical_bytes
+        # Loading a back gives it fresh (unshared) tensors.
+        got = sm.get_snapshot(a)
+        assert got.equals(shared_snap(0, base)) and got.checkpoint_id == a
+        assert sm.memory_bytes == 2 * 4 * BASE + 2 * own + ha + hb
+        # Free b: a's reloaded copy remains.
+        sm.release(b)
+        assert sm.memory_bytes == 4 * BASE + own + ha
+        sm.release(a)
+        assert sm.memory_bytes == 0 and sm.logical_bytes == 0
+        assert sm.stats()["unique_storages"] == 0 and sm.disk_bytes == 0
+
+
+def test_freeing_all_sharers_returns_memory_to_zero() -> None:
+    base = torch.rand(BASE)
+    with StateManager() as sm:
+        ids = [sm.put(shared_snap(i, base)) for i in range(5)]
+        sm.pin(ids[0])
+        for cid in ids[1:]:
+            sm.release(cid)
+            assert sm.memory_bytes >= 4 * BASE  # ids[0] still holds the base
+        sm.release(ids[0])
+        assert ids[0] in sm  # pinned
+        sm.unpin(ids[0])
+        assert len(sm) == 0 and sm.memory_bytes == 0 and sm.logical_bytes == 0
+        assert sm.pinned_bytes == 0 and sm.stats()["shared_bytes_saved"] == 0
+
+
+def test_budget_counts_unique_bytes(tmp_path: Path) -> None:
+    base = torch.rand(BASE)
+    probe = shared_snap(0, base)
+    probe.checkpoint_id = "cp000001"
+    one = probe.size_bytes()  # logical bytes of one snapshot
+    extra = one - 4 * BASE  # its own tensor + header
+    # Room for the base once plus ten snapshots' own bytes: ten sharers fit although
+    # their logical size is ten times the budget's worth of base.
+    budget = 4 * BASE + 10 * extra + extra // 2  # (i >= 10 has a 3-byte longer header)
+    with StateManager(max_bytes=budget, spill_dir=tmp_path) as sm:
+        ids = [sm.put(shared_snap(i, base)) for i in range(10)]
+        assert not any(sm.is_spilled(x) for x in ids)
+        assert sm.memory_bytes <= budget < sm.logical_bytes
+        assert sm.stats()["spills"] == 0
+        # An eleventh sharer needs only its own bytes: one LRU snapshot spills (frees
+        # just its own bytes, the base stays with the others).
+        ids.append(sm.put(shared_snap(10, base)))
+        assert [sm.is_spilled(x) for x in ids] == [True] + [False] * 10
+        assert sm.memory_bytes <= budget
+        # A snapshot with a new big tensor: spilling sharers frees only their own bytes,
+        # so the loop keeps spilling until the budget holds.
+        big = sm.put(make_snap(99, payload=BASE // 2))
+        spilled = [sm.is_spilled(x) for x in ids]
+        assert sm.memory_bytes <= budget and not sm.is_spilled(big)
+        n_spilled = sum(spilled)
+        assert spilled == [True] * n_spilled + [False] * (len(ids) - n_spilled)  # LRU order
+        # 2 KiB of new data, ~0.3 KiB freed per spilled sharer; the base stays.
+        assert 4 <= n_spilled < len(ids)
+        in_mem = [x for x in ids if not sm.is_spilled(x)]
+        assert sm.memory_bytes == (
+            4 * BASE  # the shared base, once
+            + 2 * BASE + 8 + header(sm, big)  # big: its payload, its "i" and header
+            + sum(16 * 4 + header(sm, x) for x in in_mem)
+        )
+
+
+def test_spilling_everything_that_shares_frees_the_storage(tmp_path: Path) -> None:
+    base = torch.rand(BASE)
+    with StateManager(max_bytes=4 * BASE, spill_dir=tmp_path) as sm:
+        a = sm.put(shared_snap(0, base))  # base + own + header > budget: spilled itself
+        assert sm.is_spilled(a) and sm.memory_bytes == 0
+        sm.put(shared_snap(1, base))
+        assert sm.memory_bytes == 0 and sm.stats()["unique_storages"] == 0
+
+
+def test_pin_budget_counts_shared_storage_once(tmp_path: Path) -> None:
+    base = torch.rand(BASE)
+    probe = shared_snap(0, base)
+    probe.checkpoint_id = "cp000001"
+    one = probe.size_bytes()
+    budget = one + (one - 4 * BASE) + 8  # two pinned sharers fit; logical would not
+    with StateManager(max_bytes=budget, spill_dir=tmp_path) as sm:
+        a = sm.put(shared_snap(0, base), pin=True)
+        b = sm.put(shared_snap(1, base), pin=True)
+        assert sm.pinned_bytes == sm.memory_bytes <= budget < sm.logical_bytes
+        # A third pinned sharer would exceed it by its own bytes; a non-sharer by far.
+        with pytest.raises(BudgetError, match="already pinned"):
+            sm.put(shared_snap(2, base), pin=True)
+        with pytest.raises(BudgetError):
+            sm.put(make_snap(5, payload=BASE), pin=True)
+        assert sm.ids() == [a, b]
+        sm.unpin(a)
+        assert sm.pinned_bytes == 4 * BASE + 16 * 4 + header(sm, b)  # b alone
+        c = sm.put(shared_snap(2, base), pin=True)  # fits again ...
+        assert sm.is_spilled(a)  # ... and pushes the now unpinned a out
+        assert sm.memory_bytes == sm.pinned_bytes <= budget
+        sm.release(a)
+        assert sm.memory_bytes == sm.pinned_bytes and sm.ids() == [b, c]
+
+
+def test_thread_safety_with_shared_storages(tmp_path: Path) -> None:
+    bases = [torch.rand(BASE) for _ in range(3)]
+    probe = shared_snap(0, bases[0])
+    probe.checkpoint_id = "cp000001"
+    sm = StateManager(max_bytes=2 * probe.size_bytes(), spill_dir=tmp_path)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            mine = []
+            for j in range(20):
+                i = k * 100 + j
+                mine.append((sm.put(shared_snap(i, bases[j % 3])), i))
+                assert sm.memory_bytes <= sm.max_bytes
+                if j % 2:
+                    cid, i_old = mine.pop(0)
+                    assert sm.get_snapshot(cid).equals(shared_snap(i_old, bases[i_old % 100 % 3]))
+                    sm.release(cid)
+            for cid, _ in mine:
+                sm.release(cid)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(sm) == 0 and sm.memory_bytes == 0 and sm.logical_bytes == 0
+    assert sm.stats()["unique_storages"] == 0 and sm.disk_bytes == 0 and sm.stats()["spills"] > 0
+    sm.close()

@@ -22,7 +22,7 @@ from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models import create_world_model
 from arcfab_gym.tasks import pusht
 
-DEFAULT_BACKEND = "pusht-sim"
+DEFAULT_BACKEND = "mini-dreamzero"
 #: Bounds of positions in the observation (px): the 512 px workspace plus a quarter of slack
 #: on each side, since the pusher can aim at a wall and the T can be squeezed into one
 #: (40 random-policy episodes reached -24 px).
@@ -218,7 +218,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         return tuple(self.fabric.model.prompts)
 
     def _frame_size(self) -> int:
-        return int(self.fabric.model.config().get("frame_size", 96))
+        return int(self.fabric.model.frame_size)
 
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in obs.items()}

@@ -231,6 +231,31 @@ class Session:
             self.model.load_state(self._history[-1].state)
         return self._history[-1].checkpoint_id
 
+    # --- keeping a model in step with the real world --------------------------------------
+    def resync(self, frame: np.ndarray, agent_pos: Any = None) -> dict[str, np.ndarray]:
+        """Replace the current frame with a real observation (an RGB frame the backend
+        encodes into its caches); returns the new observation. Backends that can do it
+        have a ``resync`` method (mini-dreamzero does)."""
+        return self._replace_current(frame=frame, agent_pos=agent_pos)
+
+    def inject_latent(self, latent: Any, agent_pos: Any = None) -> dict[str, np.ndarray]:
+        """Replace the current frame with a supplied latent (bypassing the encoder)."""
+        return self._replace_current(latent=latent, agent_pos=agent_pos)
+
+    def _replace_current(self, **kwargs: Any) -> dict[str, np.ndarray]:
+        self._check_started()
+        if not hasattr(self.model, "resync"):
+            raise NotImplementedError(
+                f"backend {self.model.name!r} cannot take a real frame or latent "
+                "(it has no resync method); restore a snapshot instead"
+            )
+        self.model.resync(**kwargs)
+        frame = self._history[-1]
+        self._history[-1] = dataclasses.replace(
+            frame, state=self.model.extract_state(), checkpoint_id=None
+        )
+        return self.model.observe()
+
     # --- reading ----------------------------------------------------------------------------
     @property
     def frame_index(self) -> int:

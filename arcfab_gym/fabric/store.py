@@ -6,6 +6,18 @@ and may ``pin`` snapshots that must stay in RAM. When the in-memory bytes exceed
 ``max_bytes`` the least-recently-used unpinned snapshots are spilled losslessly to
 safetensors files in ``spill_dir`` and loaded back on demand; a snapshot is freed only
 when nobody references it and it is not pinned.
+
+**Memory is counted per unique storage.** Backends may hand out references to immutable
+tensors (``mini-dreamzero`` does: its KV-cache blocks and latent chunks are never
+written once made), so many snapshots can share the same tensor storage. The store keys
+each storage by ``untyped_storage().data_ptr()`` (with the device, off the CPU) and its
+``nbytes()``, and keeps a reference count of the in-memory snapshots using it:
+:attr:`StateManager.memory_bytes` is the bytes of the distinct storages held in memory
+plus each snapshot's JSON header, and :attr:`StateManager.logical_bytes` is the old
+per-snapshot sum (what full copies would cost). Spilling a snapshot frees only the storages
+no other in-memory snapshot uses, so the LRU loop may have to spill several. A snapshot
+loaded back from disk gets fresh, unshared tensors. The store holds the storages it
+counts, so an address cannot be reused by another tensor while it is on the books.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from arcfab_gym.errors import (
     BudgetError,
     RefcountError,
@@ -33,18 +47,107 @@ from arcfab_gym.models.base import WorldModel
 __all__ = ["StateManager"]
 
 
+#: Identity of a tensor storage: its data pointer (CPU), or (device, data pointer).
+#: Unique among live storages; the store holds every storage it counts, so an address
+#: cannot be reused while it is on the books.
+_StorageKey = int | tuple[str, int]
+
+
+def _storages_of(
+    snapshot: WorldStateSnapshot,
+) -> tuple[dict[_StorageKey, torch.UntypedStorage], int]:
+    """The distinct non-empty storages behind ``snapshot``'s tensors, and the tensors'
+    logical bytes (``numel * element_size`` summed, as in ``size_bytes``).
+
+    Runs on every checkpoint over every tensor (hundreds for a long history), so it
+    sticks to the cheapest accessors (``str(device)`` alone would double its cost).
+    """
+    out: dict[_StorageKey, torch.UntypedStorage] = {}
+    logical = 0
+    for name, t in snapshot.tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"snapshot tensor {name!r} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        logical += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        if not st.nbytes():
+            continue
+        out[st.data_ptr() if t.is_cpu else (str(t.device), st.data_ptr())] = st
+    return out, logical
+
+
 @dataclass
 class _Entry:
     """Book-keeping for one stored checkpoint. Exactly one of ``snapshot`` (in memory)
     and ``spill_path`` (on disk) is set."""
 
     snapshot: WorldStateSnapshot | None
-    #: ``snapshot.size_bytes()`` when stored; fixed so memory accounting always balances.
+    #: ``snapshot.size_bytes()`` when stored (logical bytes: tensors as if unshared plus
+    #: the header); fixed so the accounting always balances.
     size: int
+    #: ``len(snapshot.header_json())`` when stored.
+    header_size: int = 0
+    #: The distinct storages of the in-memory snapshot (empty while spilled).
+    storages: dict[_StorageKey, torch.UntypedStorage] | None = None
     refcount: int = 1
     pinned: bool = False
     spill_path: Path | None = None
     disk_size: int = 0
+
+
+class _StorageBooks:
+    """Reference counts of tensor storages over a set of snapshots, and the unique bytes.
+
+    ``bytes`` = bytes of the distinct storages + the headers of the snapshots counted.
+    Each counted storage object is held, so its address stays unique while counted.
+    """
+
+    def __init__(self) -> None:
+        # key -> [number of counted snapshots using it, nbytes when first counted, storage]
+        self.refs: dict[_StorageKey, list[Any]] = {}
+        self.unique_bytes = 0
+        self.header_bytes = 0
+        self.logical_bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.unique_bytes + self.header_bytes
+
+    def added_bytes(self, storages: dict[_StorageKey, torch.UntypedStorage], header: int) -> int:
+        """What :meth:`add` of these storages and header would add to :attr:`bytes`."""
+        refs = self.refs
+        return header + sum(st.nbytes() for k, st in storages.items() if k not in refs)
+
+    def add(self, entry: _Entry) -> None:
+        assert entry.storages is not None
+        refs = self.refs
+        for key, st in entry.storages.items():
+            rec = refs.get(key)
+            if rec is None:
+                nbytes = st.nbytes()
+                refs[key] = [1, nbytes, st]
+                self.unique_bytes += nbytes
+            else:
+                rec[0] += 1
+        self.header_bytes += entry.header_size
+        self.logical_bytes += entry.size
+
+    def remove(self, entry: _Entry) -> None:
+        assert entry.storages is not None
+        refs = self.refs
+        for key in entry.storages:
+            rec = refs[key]
+            rec[0] -= 1
+            if rec[0] == 0:
+                del refs[key]
+                self.unique_bytes -= rec[1]
+        self.header_bytes -= entry.header_size
+        self.logical_bytes -= entry.size
+
+    def clear(self) -> None:
+        self.refs.clear()
+        self.unique_bytes = self.header_bytes = self.logical_bytes = 0
 
 
 class _SpillArea:
@@ -87,8 +190,9 @@ class StateManager:
 
     Args:
         model: the world model used when a method is called without ``model=``.
-        max_bytes: in-memory budget for stored snapshots (``None`` = unlimited). Sizes are
-            :meth:`WorldStateSnapshot.size_bytes`.
+        max_bytes: in-memory budget for stored snapshots (``None`` = unlimited), in
+            unique bytes (see :attr:`memory_bytes`: storages shared by several snapshots
+            count once). Pinned snapshots are held to the same budget, also in unique bytes.
         spill_dir: where over-budget snapshots go. Default: a private temporary
             directory, created on first spill and removed by :meth:`close` (or when the
             manager is garbage-collected). A directory you pass is never deleted; only
@@ -121,9 +225,9 @@ class StateManager:
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._freed: set[str] = set()
         self._counter = 0
-        self._memory_bytes = 0
+        self._mem = _StorageBooks()  # every in-memory snapshot
+        self._pins = _StorageBooks()  # the pinned ones (always in memory)
         self._disk_bytes = 0
-        self._pinned_bytes = 0
         self._spills = 0
         self._loads = 0
         self._closed = False
@@ -206,17 +310,28 @@ class StateManager:
             old_id = snapshot.checkpoint_id
             snapshot.checkpoint_id = new_id  # part of the header, so set before sizing
             try:
-                size = snapshot.size_bytes()
+                header_size = len(snapshot.header_json())
+                storages, tensor_bytes = _storages_of(snapshot)
+                entry = _Entry(
+                    snapshot=snapshot,
+                    size=tensor_bytes + header_size,  # == snapshot.size_bytes()
+                    header_size=header_size,
+                    storages=storages,
+                    pinned=pin,
+                )
                 if pin:
-                    self._check_pin_budget(size, what=f"pinning new checkpoint {new_id}")
+                    self._check_pin_budget(
+                        self._pins.added_bytes(entry.storages, entry.header_size),
+                        what=f"pinning new checkpoint {new_id}",
+                    )
             except BaseException:
                 snapshot.checkpoint_id = old_id  # leave the caller's object as it was
                 raise
             self._counter += 1
-            self._entries[new_id] = _Entry(snapshot=snapshot, size=size, pinned=pin)
-            self._memory_bytes += size
+            self._entries[new_id] = entry
+            self._mem.add(entry)
             if pin:
-                self._pinned_bytes += size
+                self._pins.add(entry)
             else:
                 self._lru[new_id] = None
             try:
@@ -307,11 +422,15 @@ class StateManager:
             entry = self._entry(checkpoint_id)
             if entry.pinned:
                 return
-            self._check_pin_budget(entry.size, what=f"pinning checkpoint {checkpoint_id}")
+            if entry.snapshot is not None:
+                added = self._pins.added_bytes(entry.storages, entry.header_size)
+            else:
+                added = entry.size  # loaded back from disk, nothing in it is shared
+            self._check_pin_budget(added, what=f"pinning checkpoint {checkpoint_id}")
             self._load_into_memory(checkpoint_id, entry)
             self._lru.pop(checkpoint_id, None)
             entry.pinned = True
-            self._pinned_bytes += entry.size
+            self._pins.add(entry)
             self._enforce_budget()
 
     def unpin(self, checkpoint_id: str) -> None:
@@ -321,7 +440,7 @@ class StateManager:
             if not entry.pinned:
                 return
             entry.pinned = False
-            self._pinned_bytes -= entry.size
+            self._pins.remove(entry)
             if entry.refcount == 0:
                 self._free(checkpoint_id)
                 return
@@ -368,9 +487,25 @@ class StateManager:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of snapshots held in memory (sum of their ``size_bytes()``)."""
+        """Bytes held in memory: each distinct tensor storage of the in-memory snapshots
+        once (``untyped_storage().nbytes()``), plus every in-memory snapshot's JSON header.
+        This is what ``max_bytes`` limits."""
         with self._lock:
-            return self._memory_bytes
+            return self._mem.bytes
+
+    @property
+    def logical_bytes(self) -> int:
+        """Sum of ``size_bytes()`` over the in-memory snapshots: what they would hold if
+        none shared a storage (full copies). ``logical_bytes - memory_bytes`` is what
+        sharing saves (it can be negative when views hold larger storages)."""
+        with self._lock:
+            return self._mem.logical_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Unique bytes of the pinned snapshots (counted like :attr:`memory_bytes`)."""
+        with self._lock:
+            return self._pins.bytes
 
     @property
     def disk_bytes(self) -> int:
@@ -391,7 +526,11 @@ class StateManager:
                 "in_memory": len(self._entries) - spilled,
                 "spilled": spilled,
                 "pinned": sum(1 for e in self._entries.values() if e.pinned),
-                "memory_bytes": self._memory_bytes,
+                "memory_bytes": self._mem.bytes,
+                "logical_bytes": self._mem.logical_bytes,
+                "shared_bytes_saved": self._mem.logical_bytes - self._mem.bytes,
+                "unique_storages": len(self._mem.refs),
+                "pinned_bytes": self._pins.bytes,
                 "disk_bytes": self._disk_bytes,
                 "max_bytes": self._max_bytes,
                 "spills": self._spills,
@@ -408,7 +547,9 @@ class StateManager:
             self._closed = True
             self._entries.clear()
             self._lru.clear()
-            self._memory_bytes = self._disk_bytes = self._pinned_bytes = 0
+            self._mem.clear()
+            self._pins.clear()
+            self._disk_bytes = 0
             self._finalizer()  # runs _SpillArea.cleanup once
 
     def __enter__(self) -> StateManager:
@@ -464,14 +605,17 @@ class StateManager:
             raise UnknownCheckpointError(checkpoint_id, hint)
         return entry
 
-    def _check_pin_budget(self, size: int, *, what: str) -> None:
+    def _check_pin_budget(self, added: int, *, what: str) -> None:
+        """``added``: the unique bytes pinning it adds (storages other pins already hold
+        are not counted again)."""
         if self._max_bytes is None:
             return
-        needed = self._pinned_bytes + size
+        pinned = self._pins.bytes
+        needed = pinned + added
         if needed > self._max_bytes:
             raise BudgetError(
-                f"{what} needs {needed} bytes of pinned memory ({size} for it + "
-                f"{self._pinned_bytes} already pinned) but max_bytes is {self._max_bytes}; "
+                f"{what} needs {needed} bytes of pinned memory ({added} for it + "
+                f"{pinned} already pinned) but max_bytes is {self._max_bytes}; "
                 "raise max_bytes or unpin() other checkpoints"
             )
 
@@ -480,9 +624,11 @@ class StateManager:
             return entry.snapshot
         assert entry.spill_path is not None
         snap = WorldStateSnapshot.load(entry.spill_path)
+        storages, _ = _storages_of(snap)
         # Only touch the books after the load succeeded, so a bad file leaves them intact.
         entry.snapshot = snap
-        self._memory_bytes += entry.size
+        entry.storages = storages
+        self._mem.add(entry)
         self._drop_spill_file(entry)
         self._lru[checkpoint_id] = None
         self._loads += 1
@@ -491,7 +637,9 @@ class StateManager:
     def _enforce_budget(self) -> None:
         if self._max_bytes is None:
             return
-        while self._memory_bytes > self._max_bytes and self._lru:
+        # Spilling one snapshot frees only the storages no other in-memory snapshot uses
+        # (possibly just its header), so re-check after every spill.
+        while self._mem.bytes > self._max_bytes and self._lru:
             victim = next(iter(self._lru))
             self._spill_one(victim, self._entries[victim])
 
@@ -508,9 +656,10 @@ class StateManager:
             raise
         entry.spill_path = path
         entry.disk_size = disk_size
+        self._mem.remove(entry)
         entry.snapshot = None
+        entry.storages = None
         self._lru.pop(checkpoint_id)
-        self._memory_bytes -= entry.size
         self._disk_bytes += disk_size
         self._spills += 1
 
@@ -531,11 +680,12 @@ class StateManager:
     def _free(self, checkpoint_id: str, *, remember: bool = True) -> None:
         entry = self._entries.pop(checkpoint_id)
         self._lru.pop(checkpoint_id, None)
-        if entry.snapshot is not None:
-            self._memory_bytes -= entry.size
-            entry.snapshot = None
         if entry.pinned:
-            self._pinned_bytes -= entry.size
+            self._pins.remove(entry)
+        if entry.snapshot is not None:
+            self._mem.remove(entry)
+            entry.snapshot = None
+            entry.storages = None
         self._drop_spill_file(entry)
         if remember:
             self._freed.add(checkpoint_id)

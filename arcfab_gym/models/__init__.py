@@ -2,7 +2,7 @@
 
     >>> from arcfab_gym.models import create_world_model, list_world_models
     >>> list_world_models()
-    ['pusht-sim']
+    ['mini-dreamzero', 'pusht-sim']
     >>> model = create_world_model("pusht-sim", frame_size=64)
 
 A backend registers with :func:`register_world_model` (a class or factory, or an import
@@ -62,3 +62,4 @@ def create_world_model(name: str, **kwargs: Any) -> WorldModel:
 
 
 register_world_model("pusht-sim", "arcfab_gym.models.pusht_sim:PushTSim")
+register_world_model("mini-dreamzero", "arcfab_gym.models.mini_dreamzero.backend:MiniDreamZero")

@@ -58,6 +58,8 @@ class WorldModel(abc.ABC):
     #: The closed prompt vocabulary this backend understands.
     prompts: ClassVar[tuple[str, ...]]
     action_dim: ClassVar[int] = 2
+    #: Side in pixels of the frames ``decode_frame`` returns.
+    frame_size: int = 96
 
     # --- life cycle -------------------------------------------------------------------
     @abc.abstractmethod

@@ -162,6 +162,10 @@ class FrameRenderer:
         env.block.position = (float(block_pose[0]), float(block_pose[1]))
         env.goal_pose = np.asarray(goal, dtype=np.float64)
         env._last_action = None
+        # pymunk draws shapes where their cached geometry was last updated (a physics
+        # step or a reindex); without this every frame shows the setup pose.
+        env.space.reindex_shapes_for_body(env.agent)
+        env.space.reindex_shapes_for_body(env.block)
         return np.ascontiguousarray(env._render(visualize=False), dtype=np.uint8)
 
     def close(self) -> None:

@@ -167,9 +167,9 @@ class MiniDreamZero(WorldModel):
         self.check_prompt(prompt)
         frame = self._check_frame(frame)
         latent = self.vae.encode(frames_to_tensor(frame)[None])  # [1, C, S, S]
+        agent = _check_agent_pos(agent_pos)
         reason = self._reset_reason(self.net.tokenize([prompt])[0], n_input_frames=1)
         self._reset(prompt, seed, latent, reason)
-        agent = np.asarray(agent_pos, dtype=np.float64)
         self._write(latent[0], agent, agent, real=True)
         return self.observe(), self._frame_record_info()
 
@@ -217,11 +217,17 @@ class MiniDreamZero(WorldModel):
         self._cross = net.cross_context(text, self._clip_feas.expand(2, -1, -1))
 
     # --- generation ---------------------------------------------------------------------------
-    def _cache_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer (K, V) [2 branches, H, L, hd] over the cached window, or None."""
-        if not self._blocks:
+    def _cache_kv(
+        self, max_frames: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer (K, V) [2 branches, H, L, hd] over the cached window (its last
+        ``max_frames`` frames if given), or None."""
+        blocks = self._blocks
+        if max_frames is not None:
+            blocks = blocks[max(0, len(blocks) - max_frames) :]
+        if not blocks:
             return None
-        kv = torch.stack(self._blocks, dim=0)  # [F, layers, 2, 2, H, T_F, hd]
+        kv = torch.stack(blocks, dim=0)  # [F, layers, 2, 2, H, T_F, hd]
         kv = kv.permute(1, 2, 3, 4, 0, 5, 6).flatten(4, 5)  # [layers, 2, 2, H, F*T_F, hd]
         return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
 
@@ -259,7 +265,10 @@ class MiniDreamZero(WorldModel):
         """Write frame ``latent`` [C, S, S] into both caches; run the heads; append it."""
         net, c = self.net, self.net.cfg
         frame_index = self.frame_count
-        caches = self._cache_kv()
+        # The frame sees at most local_attn_size - 1 earlier frames (with itself: the
+        # window). Rewriting the current frame (resync, set_prompt) after the window has
+        # slid then sees exactly the context the original write saw.
+        caches = self._cache_kv(max_frames=self.local_attn_size - 1)
         tokens = net.frame_tokens(
             self._branches(latent[None]), self._branches(self._ys), torch.ones(2)
         )
@@ -278,8 +287,11 @@ class MiniDreamZero(WorldModel):
         ).clone()
         bp = heads["block_pose"].numpy().astype(np.float64)
         angle = math.atan2(bp[2], bp[3]) % (2 * math.pi)
+        # Predicted positions are kept inside the workspace, where the real ones are.
+        agent = np.clip(agent, 0.0, pusht.WORLD_SIZE)
+        bx, by = np.clip((bp[:2] + 1) * (pusht.WORLD_SIZE / 2), 0.0, pusht.WORLD_SIZE)
         info = np.array(
-            [agent[0], agent[1], (bp[0] + 1) * 256.0, (bp[1] + 1) * 256.0, angle,
+            [agent[0], agent[1], bx, by, angle,
              float(heads["coverage"]), float(torch.sigmoid(heads["success_logit"])), float(real)],
             dtype=np.float64,
         )  # fmt: skip
@@ -309,7 +321,7 @@ class MiniDreamZero(WorldModel):
         if latent.shape != (c.latent_channels, c.latent_size, c.latent_size):
             raise ValueError(f"latent must have shape ({c.latent_channels}, {c.latent_size}, {c.latent_size}), got {tuple(latent.shape)}")
         last = self._info[-1]
-        agent = last[0:2] if agent_pos is None else np.asarray(agent_pos, dtype=np.float64)
+        agent = last[0:2] if agent_pos is None else _check_agent_pos(agent_pos)
         self._rewrite_current(latent, agent, real=frame is not None)
 
     def _rewrite_current(self, latent: torch.Tensor, agent: np.ndarray, real: bool) -> None:
@@ -359,6 +371,9 @@ class MiniDreamZero(WorldModel):
                 f"{self.weights.meta.get('weights_id')!r}"
             )
         self.check_prompt(meta["prompt"])
+        # Check before touching anything: a refused state leaves the model as it was.
+        if len(t["frame_info"]) != int(meta["current_start_frame"]):
+            raise StateMismatchError("frame_info and current_start_frame disagree")
         self._clear()
         # Set the language key explicitly: a restored state must never trip the reset check.
         self._language = t["language_ids"]
@@ -372,8 +387,6 @@ class MiniDreamZero(WorldModel):
         self._proposal = t["proposal"]
         if include_rng:
             self._gen.set_state(t["rng_state"].clone())
-        if len(self._info) != int(meta["current_start_frame"]):
-            raise StateMismatchError("frame_info and current_start_frame disagree")
 
     def set_prompt(self, prompt: str) -> None:
         self._require_started()
@@ -484,6 +497,16 @@ class MiniDreamZero(WorldModel):
             "goal_pose": pusht.goal_pose(self._prompt),
             "real_frame": bool(row[7]),
         }
+
+
+def _check_agent_pos(agent_pos) -> np.ndarray:
+    try:
+        agent = np.asarray(agent_pos, dtype=np.float64)
+    except (TypeError, ValueError):
+        agent = np.full(0, np.nan)
+    if agent.shape != (2,) or not np.all(np.isfinite(agent)):
+        raise ValueError(f"agent_pos must be 2 finite numbers (px), got {agent_pos!r}")
+    return agent
 
 
 def _legacy_block_pose(state: np.ndarray) -> np.ndarray:

@@ -1,0 +1,509 @@
+"""The batched MCTS engine behind the policies: numpy only, vectorised over the batch.
+
+One simulation = select (descend from every root at once; below the root only the rows
+still descending are processed) -> expand (one batched ``recurrent_fn`` call) -> backup
+(along the path recorded during selection, with flat indices) -> rescore.
+
+Why it is fast in numpy (see /work/shared/MCTX_NOTES.md):
+- A node's selection score depends only on its own statistics, which change only when a
+  simulation passes through it. So scores are stored per node and recomputed once per
+  simulation for the nodes on the path, in one vectorised pass; selection is then a row
+  gather + argmax per level.
+- Per-edge data lives in one node-major block ``[nodes, A, fields]`` so a rescore needs
+  one gather, transposed to actions-first ``[fields, A, M]`` where numpy reduces fast.
+- Paths are padded with a dummy node whose edges have reward 0 and discount 1, so the
+  backup runs on the whole ``[depth, B]`` path array without compressing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from planners._tree import NodeStats, Tree, compact, freeze, softmax_axis0
+
+F32 = np.float32
+TINY = np.finfo(F32).tiny
+MIN_LOGIT = np.finfo(F32).min
+_NEG_INF = F32(-np.inf)
+_ZERO = F32(0.0)
+
+# Fields of the per-edge block, block[node, action, field].
+_CV, _Q, _P, _L, _MASK = range(5)
+_NF = 5
+
+
+# ----------------------------------------------------------------------------------------
+# Sequential halving (Gumbel MuZero's root schedule)
+
+
+def considered_visit_sequence(max_num_considered: int, num_simulations: int) -> list[int]:
+    """Visit count an action must have to be eligible at each simulation of Sequential
+    Halving with ``max_num_considered`` actions (Karnin et al. 2013; Danihelka et al. 2022).
+
+    Each phase gives every remaining action ``max(1, n / (log2(m) * remaining))`` more
+    visits, then halves the remaining actions (never below two).
+    """
+    if max_num_considered <= 1:
+        return list(range(num_simulations))
+    rounds = math.ceil(math.log2(max_num_considered))
+    out: list[int] = []
+    visits = [0] * max_num_considered
+    remaining = max_num_considered
+    while len(out) < num_simulations:
+        extra = max(1, int(num_simulations / (rounds * remaining)))
+        for _ in range(extra):
+            out.extend(visits[:remaining])
+            for i in range(remaining):
+                visits[i] += 1
+        remaining = max(2, remaining // 2)
+    return out[:num_simulations]
+
+
+@functools.lru_cache(maxsize=32)
+def considered_visit_table(max_num_considered: int, num_simulations: int) -> np.ndarray:
+    """``[m + 1, num_simulations]`` float32: row ``k`` is the schedule for ``k`` actions."""
+    rows = [considered_visit_sequence(k, num_simulations) for k in range(max_num_considered + 1)]
+    table = np.asarray(rows, dtype=F32).reshape(max_num_considered + 1, num_simulations)
+    table.flags.writeable = False
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# Scorers: the selection score of M nodes from their NodeStats, [A, M].
+
+
+class MuZeroScorer:
+    """PUCT: ``qtransform(q) + sqrt(n) * pb_c * prior / (visits + 1)``, plus 1e-7 noise
+    at selection time to break ties, as in mctx. The root uses the same rule."""
+
+    uses_noise = True
+
+    def __init__(self, qtransform: Callable, pb_c_init: float, pb_c_base: float) -> None:
+        self.qtransform = qtransform
+        self.pb_c_init = float(pb_c_init)
+        self.pb_c_base = float(pb_c_base)
+
+    def interior(self, stats: NodeStats, mask: np.ndarray) -> np.ndarray:
+        n = stats.node_visits
+        pb_c = self.pb_c_init + np.log((n + self.pb_c_base + 1.0) / self.pb_c_base)
+        policy = np.sqrt(n) * pb_c * stats.prior_probs / (stats.visit_counts + 1)
+        return self.qtransform(stats) + policy + mask
+
+    def root(self, stats: NodeStats, mask: np.ndarray, sims_done: int) -> np.ndarray:
+        return self.interior(stats, mask)
+
+
+class GumbelScorer:
+    """Gumbel MuZero: Sequential Halving with Gumbel at the root, the deterministic
+    ``softmax(logits + q) - visits / (1 + sum visits)`` rule below it."""
+
+    uses_noise = False
+
+    def __init__(
+        self,
+        qtransform: Callable,
+        gumbel_logits: np.ndarray,  # [A, B] gumbel + root logits - max(root logits)
+        considered: np.ndarray,  # [num_simulations, B] visit count eligible per simulation
+        root_visits0: np.ndarray | None,  # [A, B] root child visits before this search
+    ) -> None:
+        self.qtransform = qtransform
+        self.gumbel_logits = gumbel_logits
+        self.considered = considered
+        self.root_visits0 = root_visits0
+
+    def interior(self, stats: NodeStats, mask: np.ndarray) -> np.ndarray:
+        probs = softmax_axis0(stats.prior_logits + self.qtransform(stats))
+        visits = stats.visit_counts
+        return probs - visits / (1 + visits.sum(axis=0)) + mask
+
+    def root_visits(self, stats: NodeStats) -> np.ndarray:
+        """Visits made by this search (reused visits don't count for the schedule). [A, B]"""
+        if self.root_visits0 is None:
+            return stats.visit_counts
+        return stats.visit_counts - self.root_visits0
+
+    def root(self, stats: NodeStats, mask: np.ndarray, sims_done: int) -> np.ndarray:
+        visits = self.root_visits(stats)
+        penalty = np.where(visits == self.considered[sims_done], _ZERO, _NEG_INF)
+        return self.score_considered(stats, penalty) + mask
+
+    def score_considered(self, stats: NodeStats, penalty: np.ndarray) -> np.ndarray:
+        return np.maximum(F32(-1e9), self.gumbel_logits + self.qtransform(stats)) + penalty
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks shared with the policies
+
+
+def as_matrix(x: Any, shape: tuple[int, int], what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=F32)
+    if arr.shape != shape:
+        raise ValueError(f"{what} must have shape [B, A]={shape}, got {arr.shape}")
+    return arr
+
+
+def as_vector(x: Any, b: int, what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=F32)
+    if arr.shape != (b,):
+        raise ValueError(f"{what} must have shape [B]=({b},), got {arr.shape}")
+    return arr
+
+
+def as_mask(x: Any, shape: tuple[int, int], what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.shape != shape:
+        raise ValueError(f"{what} must have shape [B, A]={shape}, got {arr.shape}")
+    return arr.astype(bool)
+
+
+def as_embeddings(x: Any, b: int, what: str) -> np.ndarray:
+    """A numeric ``[B, ...]`` array, or a ``[B]`` object array of opaque handles."""
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        if x.ndim == 0 or x.shape[0] != b:
+            raise ValueError(f"{what} must have a leading batch axis of size {b}, got {x.shape}")
+        return x
+    if isinstance(x, np.ndarray) and x.shape == (b,):
+        return x
+    items = list(x)
+    if len(items) != b:
+        raise ValueError(f"{what} must hold one embedding per batch row ({b}), got {len(items)}")
+    out = np.empty(b, dtype=object)
+    for i, item in enumerate(items):  # element-wise: tuples must stay opaque objects
+        out[i] = item
+    return out
+
+
+def mask_invalid(logits: np.ndarray, invalid: np.ndarray | None) -> np.ndarray:
+    """Shift by the max and give invalid actions the smallest finite logit (as mctx). [B, A]"""
+    if invalid is None:
+        return logits
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.where(invalid, MIN_LOGIT, shifted).astype(F32)
+
+
+# ----------------------------------------------------------------------------------------
+# The engine
+
+
+def prepare_reuse(root_tree: Tree, b: int, a: int) -> tuple[Tree, np.ndarray]:
+    """Check ``root_tree`` against the batch and compact it (drop unused nodes)."""
+    if not isinstance(root_tree, Tree):
+        raise TypeError(f"root_tree must be a Tree (e.g. from get_subtree), got {type(root_tree)}")
+    if root_tree.batch_size != b or root_tree.num_actions != a:
+        raise ValueError(
+            f"root_tree has B={root_tree.batch_size}, A={root_tree.num_actions}; "
+            f"the root has B={b}, A={a}"
+        )
+    return compact(root_tree, root_tree.node_visits > 0)
+
+
+class Engine:
+    """Search state of one batch: allocate, ``simulate``, then read ``to_tree``/``root_stats``."""
+
+    def __init__(
+        self,
+        *,
+        root_logits: np.ndarray,
+        root_value: np.ndarray | None,
+        root_embedding: Any,
+        root_invalid: np.ndarray,
+        num_simulations: int,
+        max_depth: int | None,
+        root_tree: Tree | None,
+    ) -> None:
+        b, a = root_logits.shape
+        s = num_simulations
+        if root_tree is None:
+            n_used = np.ones(b, np.int64)
+        else:
+            root_tree, n_used = prepare_reuse(root_tree, b, a)
+            empty = n_used == 0
+            if empty.any() and (root_value is None or root_embedding is None):
+                raise ValueError(
+                    f"rows {np.flatnonzero(empty).tolist()} of root_tree are empty (the "
+                    "chosen child was never expanded); pass a root (RootFnOutput) for them"
+                )
+            n_used = np.maximum(n_used, 1)
+        n = int(n_used.max()) + s
+        bn = b * n
+        self.b, self.a, self.n, self.bn, self.s = b, a, n, bn, s
+        self.dummy = bn  # padding node for paths: its edges have reward 0, discount 1
+        self.max_depth = n if max_depth is None else int(max_depth)
+        self.rowbase = np.arange(b, dtype=np.int64) * n  # [B] flat index of each root
+        self.next_base = self.rowbase + n_used  # [B] flat index of the first free node
+
+        self.block = np.zeros((bn + 1, a, _NF), F32)  # [nodes, A, fields] per-edge data
+        self.node = np.zeros((3, bn + 1), F32)  # [visits, value, raw value] per node
+        self.children = np.full((bn + 1) * a, -1, np.int64)  # flat child index per edge
+        self.reward = np.zeros((bn + 1) * a, F32)  # per edge
+        self.discount = np.zeros((bn + 1) * a, F32)  # per edge
+        self.discount[bn * a :] = 1.0
+        self.child_value = np.zeros((bn + 1) * a, F32)  # per edge
+        self.parents = np.full(bn, Tree.NO_PARENT, np.int64)  # in-row index
+        self.action_from_parent = np.full(bn, Tree.NO_PARENT, np.int64)
+        self.score = np.zeros((bn + 1, a), F32)  # selection score per node and action
+        self.loaded: np.ndarray | None = None  # flat indices of nodes taken from root_tree
+
+        proto = root_embedding if root_embedding is not None else None
+        if root_tree is not None:
+            proto = root_tree.embeddings
+        if isinstance(proto, np.ndarray) and proto.dtype != object:
+            tail = proto.shape[2:] if proto is not root_embedding else proto.shape[1:]
+            self.emb = np.zeros((bn + 1,) + tail, proto.dtype)
+        else:
+            self.emb = np.empty(bn + 1, object)
+
+        if root_tree is not None:
+            self._load(root_tree)
+        self._init_roots(root_logits, root_value, root_embedding, root_invalid)
+
+    # -- construction -------------------------------------------------------------------
+
+    def _load(self, tree: Tree) -> None:
+        """Copy a compacted tree into the first ``tree.num_nodes`` slots of each row."""
+        b, n, a, m = self.b, self.n, self.a, tree.num_nodes
+        m = min(m, n)
+        blk = self.block[: self.bn].reshape(b, n, a, _NF)
+        blk[:, :m, :, _CV] = tree.children_visits[:, :m]
+        blk[:, :m, :, _Q] = tree.children_rewards[:, :m] + (
+            tree.children_discounts[:, :m] * tree.children_values[:, :m]
+        )
+        logits = np.asarray(tree.children_prior_logits[:, :m], F32)
+        blk[:, :m, :, _L] = logits
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        blk[:, :m, :, _P] = e / e.sum(axis=-1, keepdims=True)
+        blk[:, :m, :, _MASK] = np.where(tree.node_invalid_actions[:, :m], _NEG_INF, _ZERO)
+        node = self.node[:, : self.bn].reshape(3, b, n)
+        node[0, :, :m] = tree.node_visits[:, :m]
+        node[1, :, :m] = tree.node_values[:, :m]
+        node[2, :, :m] = tree.raw_values[:, :m]
+        ci = np.asarray(tree.children_index[:, :m], np.int64)
+        flat_ci = np.where(ci >= 0, ci + self.rowbase[:, None, None], -1)
+        self.children[: self.bn * a].reshape(b, n, a)[:, :m] = flat_ci
+        self.reward[: self.bn * a].reshape(b, n, a)[:, :m] = tree.children_rewards[:, :m]
+        disc = self.discount[: self.bn * a].reshape(b, n, a)
+        disc[:, :m] = tree.children_discounts[:, :m]
+        self.child_value[: self.bn * a].reshape(b, n, a)[:, :m] = tree.children_values[:, :m]
+        self.parents.reshape(b, n)[:, :m] = tree.parents[:, :m]
+        self.action_from_parent.reshape(b, n)[:, :m] = tree.action_from_parent[:, :m]
+        self.emb[: self.bn].reshape((b, n) + self.emb.shape[1:])[:, :m] = tree.embeddings[:, :m]
+        self.loaded = np.flatnonzero(node[0].reshape(-1) > 0)  # flat indices of kept nodes
+
+    def _init_roots(
+        self,
+        logits: np.ndarray,
+        value: np.ndarray | None,
+        embedding: Any,
+        invalid: np.ndarray,
+    ) -> None:
+        roots = self.rowbase
+        lt = np.ascontiguousarray(logits.T)  # [A, B]
+        self.block[roots, :, _L] = logits
+        self.block[roots, :, _P] = softmax_axis0(lt).T
+        self.block[roots, :, _MASK] = np.where(invalid, _NEG_INF, _ZERO)
+        visits = self.node[0, roots]
+        if value is not None:
+            fresh = visits == 0  # rows without a reused root start like mctx: 1 visit
+            self.node[2, roots] = value
+            self.node[1, roots] = np.where(fresh, value, self.node[1, roots])
+            self.node[0, roots] = np.where(fresh, 1, visits)
+        if embedding is not None:
+            self.emb[roots] = embedding
+        self.root_invalid = invalid
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _stats(self, ids: np.ndarray) -> tuple[NodeStats, np.ndarray]:
+        """NodeStats of nodes ``ids`` [M] and their invalid-action mask (0/-inf) [A, M]."""
+        g = self.block.take(ids, axis=0).transpose(2, 1, 0).copy()  # [fields, A, M]
+        s = self.node.take(ids, axis=1)  # [3, M]
+        return NodeStats(g[_CV], g[_Q], g[_P], g[_L], s[0], s[1], s[2]), g[_MASK]
+
+    def _rescore(self, scorer, ids: np.ndarray) -> None:
+        stats, mask = self._stats(ids)
+        self.score[ids] = scorer.interior(stats, mask).T
+
+    def _rescore_roots(self, scorer, sims_done: int) -> None:
+        roots = self.rowbase
+        stats, mask = self._stats(roots)
+        self.score[roots] = scorer.root(stats, mask, sims_done).T
+
+    def root_stats(self) -> NodeStats:
+        return self._stats(self.rowbase)[0]
+
+    # -- the search loop ----------------------------------------------------------------
+
+    def simulate(self, params: Any, rng: np.random.Generator, recurrent_fn, scorer) -> None:
+        b, a, s, dummy = self.b, self.a, self.s, self.dummy
+        muzero = isinstance(scorer, MuZeroScorer)
+        gumbel = not muzero
+        if s == 0:
+            return
+        # Scores of every node that already exists (roots; plus reused nodes).
+        if self.loaded is not None:
+            interior = np.setdiff1d(self.loaded, self.rowbase)
+            if interior.size:
+                self._rescore(scorer, interior)
+        self._rescore_roots(scorer, 0)
+
+        max_depth = self.max_depth
+        depth_cap = min(max_depth, self.n) + 1
+        path_node = np.full((depth_cap + 1, b), dummy, np.int64)  # [depth, B] flat nodes
+        path_act = np.zeros((depth_cap, b), np.int64)  # [depth, B] actions
+        rows_all = np.arange(b)
+        roots = self.rowbase
+        path_node[0] = roots
+        roots_a = roots * a
+        score, children = self.score, self.children
+        node_visits, node_value = self.node[0], self.node[1]
+        block_flat = self.block.reshape(-1)
+        reward, discount, child_value = self.reward, self.discount, self.child_value
+        emb = self.emb
+        emb_numeric = emb.dtype != object
+
+        noise = np.empty(0, F32)
+        noise_pos = 0
+
+        def tie_noise(k: int) -> np.ndarray:
+            nonlocal noise, noise_pos
+            need = k * a
+            if noise_pos + need > noise.size:
+                noise = rng.random(max(need, 64 * b * a), dtype=F32) * F32(1e-7)
+                noise_pos = 0
+            out = noise[noise_pos : noise_pos + need].reshape(k, a)
+            noise_pos += need
+            return out
+
+        for sim in range(s):
+            # ---- selection: descend while the chosen child exists and depth < max_depth.
+            sc = score[roots]
+            if muzero:
+                sc += tie_noise(b)
+            act = sc.argmax(axis=1)
+            path_act[0] = act
+            child = children[roots_a + act]
+            last_node, last_act, last_child = roots.copy(), act, child
+            rows = rows_all
+            depth = 1
+            while depth < max_depth:
+                going = child >= 0
+                if not going.any():
+                    break
+                rows = rows[going]
+                cur = child[going]
+                path_node[depth, rows] = cur
+                sc = score[cur]
+                if muzero:
+                    sc += tie_noise(cur.size)
+                act_d = sc.argmax(axis=1)
+                path_act[depth, rows] = act_d
+                child = children[cur * a + act_d]
+                last_node[rows] = cur
+                last_act[rows] = act_d
+                last_child[rows] = child
+                depth += 1
+
+            # ---- expansion: one batched model call for the whole batch.
+            leaf = np.where(last_child >= 0, last_child, self.next_base + sim)  # [B] flat
+            step, new_emb = recurrent_fn(params, rng, last_act, emb[last_node])
+            r = as_vector(step.reward, b, "recurrent_fn output reward")
+            g = as_vector(step.discount, b, "recurrent_fn output discount")
+            v = as_vector(step.value, b, "recurrent_fn output value")
+            logits = as_matrix(step.prior_logits, (b, a), "recurrent_fn output prior_logits")
+            invalid = getattr(step, "invalid_actions", None)
+            blk_leaf = self.block[leaf]  # [B, A, fields] (copy; written back below)
+            if invalid is not None:
+                invalid = as_mask(invalid, (b, a), "recurrent_fn output invalid_actions")
+                logits = mask_invalid(logits, invalid)
+                blk_leaf[:, :, _MASK] = np.where(invalid, _NEG_INF, _ZERO)
+            else:
+                blk_leaf[:, :, _MASK] = 0.0
+            lt = np.ascontiguousarray(logits.T)
+            blk_leaf[:, :, _L] = logits
+            blk_leaf[:, :, _P] = softmax_axis0(lt).T
+            self.block[leaf] = blk_leaf
+            node_visits[leaf] += 1
+            node_value[leaf] = v
+            self.node[2, leaf] = v
+            edge = last_node * a + last_act
+            children[edge] = leaf
+            reward[edge] = r
+            discount[edge] = g
+            self.parents[leaf] = last_node - self.rowbase
+            self.action_from_parent[leaf] = last_act
+            if emb_numeric:
+                new_emb = np.asarray(new_emb)
+                if new_emb.shape[:1] != (b,):
+                    raise ValueError(
+                        f"recurrent_fn's new embedding must have a leading batch axis of size "
+                        f"{b}, got shape {new_emb.shape}"
+                    )
+                emb[leaf] = new_emb
+            else:
+                emb[leaf] = as_embeddings(new_emb, b, "recurrent_fn's new embedding")
+
+            # ---- backup along the recorded path, all levels and rows at once.
+            nodes = path_node[:depth]  # [D, B], dummy where a row stopped earlier
+            acts = path_act[:depth]
+            edges = nodes * a + acts  # dummy rows hit the dummy node's (0, 1) edges
+            r_path = reward[edges]
+            g_path = discount[edges]
+            kids = path_node[1 : depth + 1]
+            kids = np.where(kids == dummy, leaf, kids)  # the last real edge leads to the leaf
+            returns = np.empty((depth, b), F32)
+            ret = node_value[leaf]
+            for d in range(depth - 1, -1, -1):
+                np.multiply(g_path[d], ret, out=returns[d])
+                ret = np.add(r_path[d], returns[d], out=returns[d])
+            count = node_visits[nodes]
+            node_value[nodes] = (node_value[nodes] * count + returns) / (count + 1)
+            node_visits[nodes] = count + 1
+            kid_value = node_value[kids]
+            child_value[edges] = kid_value
+            base = edges * _NF
+            block_flat[base + _Q] = r_path + g_path * kid_value
+            block_flat[base] += 1  # children visits; duplicates only on the dummy
+
+            # ---- rescore the nodes whose statistics changed.
+            if sim + 1 < s:
+                if gumbel:
+                    inner = nodes[1:]
+                    ids = np.concatenate((inner[inner != dummy], leaf))
+                    self._rescore(scorer, ids)
+                    self._rescore_roots(scorer, sim + 1)
+                else:
+                    ids = np.concatenate((nodes[nodes != dummy], leaf))
+                    self._rescore(scorer, ids)
+                path_node[1:depth] = dummy
+
+    # -- output -------------------------------------------------------------------------
+
+    def to_tree(self, extra_data: Any) -> Tree:
+        b, n, a, bn = self.b, self.n, self.a, self.bn
+        blk = self.block[:bn].reshape(b, n, a, _NF)
+        ci = self.children[: bn * a].reshape(b, n, a)
+        ci = np.where(ci >= 0, ci - self.rowbase[:, None, None], Tree.UNVISITED)
+        node = self.node[:, :bn].reshape(3, b, n)
+        return freeze(
+            Tree(
+                node_visits=node[0].astype(np.int32),
+                raw_values=node[2].copy(),
+                node_values=node[1].copy(),
+                parents=self.parents.reshape(b, n).astype(np.int32),
+                action_from_parent=self.action_from_parent.reshape(b, n).astype(np.int32),
+                children_index=ci.astype(np.int32),
+                children_prior_logits=blk[..., _L].copy(),
+                children_visits=blk[..., _CV].astype(np.int32),
+                children_rewards=self.reward[: bn * a].reshape(b, n, a).copy(),
+                children_discounts=self.discount[: bn * a].reshape(b, n, a).copy(),
+                children_values=self.child_value[: bn * a].reshape(b, n, a).copy(),
+                embeddings=self.emb[:bn].reshape((b, n) + self.emb.shape[1:]).copy(),
+                root_invalid_actions=np.array(self.root_invalid, dtype=bool),
+                node_invalid_actions=blk[..., _MASK] == _NEG_INF,
+                extra_data=extra_data,
+            )
+        )

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random-weight ``mini-dreamzero`` (no trained weights needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_WEIGHTS_ID = "tiny-random"
+
+
+def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHTS_ID) -> Path:
+    """Write a tiny random-weight mini-dreamzero (VAE width 16, 2 layers of width 32)."""
+    from safetensors.torch import save_file
+
+    from arcfab_gym.models.mini_dreamzero.network import DynamicsConfig, WorldTransformer
+    from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        vae = FrameVAE(VAEConfig(width=16))
+        net = WorldTransformer(DynamicsConfig(d_model=32, n_heads=2, n_layers=2))
+        # The velocity head starts at zero (good for training, useless here: every frame
+        # would be pure noise whatever the cache, prompt or action). Make it random too.
+        torch.nn.init.normal_(net.velocity.weight, std=0.3)
+        torch.nn.init.normal_(net.velocity.bias, std=0.1)
+    finally:
+        torch.random.set_rng_state(state)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), str(out / "vae.safetensors"))
+    save_file(net.state_dict(), str(out / "dynamics.safetensors"))
+    cfg = {"vae": asdict(vae.cfg), "dynamics": asdict(net.cfg), "action_repeat": 4,
+           "weights_id": weights_id}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory) -> Path:
+    return make_tiny_weights(tmp_path_factory.mktemp("tiny_mdz"))
+
+
+@pytest.fixture
+def tiny_model(tiny_weights_dir):
+    from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero
+    from arcfab_gym.tasks import pusht
+
+    model = MiniDreamZero(weights_dir=tiny_weights_dir)
+    model.start(pusht.DEFAULT_PROMPT, seed=0)
+    yield model
+    model.close()
