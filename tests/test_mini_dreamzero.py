@@ -232,7 +232,7 @@ def test_set_prompt_continues_from_the_same_frame(tiny_model):
     run(m, acts(4))
     before = m.extract_state()
     lat = all_latents(m).clone()
-    cross = [(k.clone(), v.clone()) for k, v in m._cross]
+    cross = [(k.clone(), v.clone()) for k, v in m.crossattn_cache]
     m.set_prompt(P1)
     after = m.extract_state()
     assert m.prompt == P1 and m.frame_count == 5
@@ -245,7 +245,7 @@ def test_set_prompt_continues_from_the_same_frame(tiny_model):
     assert m._reset_reason(after.tensors["language_ids"], 2) is None
     assert m._reset_reason(before.tensors["language_ids"], 2) == "language changed"
     # ... the cross-attention cache changed in the conditional row only ...
-    for (k0, v0), (k1, v1) in zip(cross, m._cross):
+    for (k0, v0), (k1, v1) in zip(cross, m.crossattn_cache):
         assert not torch.equal(k0[0], k1[0]) and not torch.equal(v0[0], v1[0])
         assert torch.equal(k0[1], k1[1]) and torch.equal(v0[1], v1[1])
     # ... earlier cache blocks are untouched; the current frame's was rewritten (cond).
@@ -282,7 +282,7 @@ def test_session_fork_with_new_prompt_keeps_the_history(tiny_model):
     state = child.model.extract_state()
     assert torch.equal(state.tensors["language_ids"], child.model.net.tokenize([P1])[0])
     assert not torch.equal(state.tensors["language_ids"], s.model._language)
-    for (kp, _), (kc, _) in zip(s.model._cross, child.model._cross):
+    for (kp, _), (kc, _) in zip(s.model.crossattn_cache, child.model.crossattn_cache):
         assert not torch.equal(kp[0], kc[0])
     child.step(acts(1, seed=5)[0])
     assert child.frame_index == 5
@@ -403,15 +403,16 @@ def test_checkpoints_share_their_prefix_and_are_never_mutated(tiny_model):
         assert s1.tensors[k].data_ptr() == s2.tensors[k].data_ptr()
     full = [k for k, v in s1.tensors.items()
             if k.startswith("latent_video/") and len(v) == LATENT_CHUNK]  # fmt: skip
-    assert full == ["latent_video/00000"]
+    n_full, rest = divmod(10, LATENT_CHUNK)  # s1 holds 10 frames
+    assert full == [f"latent_video/{k:05d}" for k in range(n_full)]
     for k in full:
         assert s1.tensors[k].data_ptr() == s2.tensors[k].data_ptr()
-    for k in ("ys", "clip_feas"):
+    for k in ("ys", "clip_feas", "crossattn_cache"):
         assert s1.tensors[k].data_ptr() == s2.tensors[k].data_ptr()
     # The partial chunk was regrown as a new tensor, not written in place.
-    part = "latent_video/00001"
-    assert s1.tensors[part].data_ptr() != s2.tensors[part].data_ptr()
-    assert len(s1.tensors["latent_video/00001"]) == 2
+    part = f"latent_video/{n_full:05d}"
+    assert rest and s1.tensors[part].data_ptr() != s2.tensors[part].data_ptr()
+    assert len(s1.tensors[part]) == rest
 
     snap = [{k: bits(v) for k, v in s.tensors.items()} for s in (s1, s2)]
     c = m.net.cfg
@@ -626,3 +627,34 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     tiny = MiniDreamZero(weights_dir=tiny_weights_dir)
     with pytest.raises(StateMismatchError):
         tiny.load_state(model.extract_state())
+
+
+def test_step_batch_matches_single_steps_across_window_lengths(tiny_weights_dir):
+    """One batched call over worlds with different histories (padded, masked caches)
+    gives what stepping each alone gives, up to float rounding; the RNG of each world
+    advances as if stepped alone."""
+    m = MiniDreamZero(weights_dir=tiny_weights_dir, local_attn_size=6)
+    m.start(pusht.PROMPTS[0], seed=0)
+    states = []
+    for k, a in enumerate(acts(9, seed=3)):
+        m.step(a)
+        if k in (0, 2, 8):  # windows of 2, 4 and 6 (full) frames
+            states.append(m.extract_state())
+    other = MiniDreamZero(weights_dir=tiny_weights_dir, local_attn_size=6)
+    other.start(pusht.PROMPTS[2], seed=5)  # another prompt and first frame in the batch
+    states.append(other.extract_state())
+    actions = acts(len(states), seed=4)
+    next_states, outs = m.step_batch(states, actions)
+    for state, action, ns, out in zip(states, actions, next_states, outs):
+        solo = m.spawn()
+        solo.load_state(state)
+        want = solo.step(action)
+        got_latent = ns.tensors[sorted(k for k in ns.tensors if k.startswith("latent_video/"))[-1]][-1]
+        np.testing.assert_allclose(got_latent.numpy(), solo.latent(solo.frame_count - 1).numpy(), atol=1e-4)
+        assert out.reward == pytest.approx(want.reward, abs=1e-4)
+        assert bits(ns.tensors["rng_state"]) == bits(solo.extract_state().tensors["rng_state"])
+        assert ns.meta["current_start_frame"] == state.meta["current_start_frame"] + 1
+    # The input states are untouched and the model holds the last world.
+    assert m.frame_count == next_states[-1].meta["current_start_frame"]
+    with pytest.raises(Exception, match="shape"):
+        m.step_batch(states, actions[:2])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from arcfab_gym.errors import StateMismatchError
+from arcfab_gym.errors import InvalidActionError, StateMismatchError
 from arcfab_gym.models.base import ModelState, StepOutput, WorldModel
 from arcfab_gym.models.mini_dreamzero.network import (
     DynamicsConfig,
@@ -50,11 +50,11 @@ from arcfab_gym.tasks import pusht
 
 #: Frames per latent-video chunk: full chunks are shared between checkpoints, the last
 #: partial one is copied (at most LATENT_CHUNK - 1 frames).
-LATENT_CHUNK = 8
+LATENT_CHUNK = 4
 #: Columns of the per-frame record: agent x, y; block x, y, angle; coverage; success
 #: probability; 1 if the frame came from the real world (encoded) rather than generated.
 FRAME_INFO_COLUMNS = 8
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def default_weights_dir() -> Path:
@@ -125,25 +125,12 @@ class MiniDreamZero(WorldModel):
             raise ValueError(f"num_denoise_steps must be >= 1, got {num_denoise_steps}")
         self.num_denoise_steps = int(num_denoise_steps)
         self.local_attn_size = int(local_attn_size or c.local_attn_size)
+        if self.local_attn_size < 2:
+            raise ValueError(f"local_attn_size must be >= 2 frames, got {self.local_attn_size}")
         self.action_repeat = int(self.weights.meta.get("action_repeat", 4))
         self.frame_size = int(self.vae.cfg.frame_size)
         self._renderer: pusht.FrameRenderer | None = None
-        self._gen = torch.Generator()
-        self._clear()
-
-    def _clear(self) -> None:
-        self._language: torch.Tensor | None = None  # [Lt] int64, the reset key
-        self._prompt = pusht.DEFAULT_PROMPT
-        self._seed = 0
-        self._text: torch.Tensor | None = None  # [1, Lt, d] conditional prompt tokens
-        self._ys: torch.Tensor | None = None  # [1, C, S, S] first-frame latent
-        self._clip_feas: torch.Tensor | None = None  # [1, n_img, d]
-        self._cross: list | None = None  # per layer (k, v) [2, H, Lc, hd]; row 0 cond
-        self._blocks: list[torch.Tensor] = []  # per cached frame [layers, 2, 2, H, T_F, hd]
-        self._cache_start = 0  # frame index of self._blocks[0]
-        self._chunks: list[torch.Tensor] = []  # latent video, [<=LATENT_CHUNK, C, S, S] each
-        self._info: list[np.ndarray] = []  # per frame [FRAME_INFO_COLUMNS]
-        self._proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
+        self._w: _World | None = None  # the working state
         self.last_reset_reason: str | None = None
 
     # --- life cycle -------------------------------------------------------------------------
@@ -166,145 +153,176 @@ class MiniDreamZero(WorldModel):
         """Begin a history from a real RGB frame ``[S, S, 3]`` and the pusher position."""
         self.check_prompt(prompt)
         frame = self._check_frame(frame)
-        latent = self.vae.encode(frames_to_tensor(frame)[None])  # [1, C, S, S]
         agent = _check_agent_pos(agent_pos)
-        reason = self._reset_reason(self.net.tokenize([prompt])[0], n_input_frames=1)
-        self._reset(prompt, seed, latent, reason)
-        self._write(latent[0], agent, agent, real=True)
+        latent = self.vae.encode(frames_to_tensor(frame)[None])  # [1, C, S, S]
+        self.last_reset_reason = self._reset_reason(self.net.tokenize([prompt])[0], n_input_frames=1)
+        gen = torch.Generator()
+        gen.manual_seed(int(seed))
+        w = _World(prompt=prompt, seed=int(seed), ys=latent, gen=gen)
+        w.clip_feas = self.net.encode_image(latent)
+        self._encode_prompt(w, prompt)
+        self._w = w
+        self._write([w], latent, agent[None], agent[None], real=True)
         return self.observe(), self._frame_record_info()
 
     def step(self, action) -> StepOutput:
         self._require_started()
         a = self.check_action(action)
-        with torch.no_grad():
-            latent, agent = self._generate(torch.tensor(a, dtype=torch.float32)[None])
-            prev = self._info[-1][0:2]
-            self._write(latent, agent, prev, real=False)
-        info = self._frame_record_info()
-        return StepOutput(
-            observation=self.observe(),
-            reward=pusht.reward_from_coverage(info["coverage"]),
-            terminated=bool(info["success_prob"] > 0.5),
-            info=info,
-        )
+        self._step_worlds([self._w], a[None])
+        return self._output(self._w)
+
+    def step_batch(self, states, actions):
+        """Step ``B`` worlds in one batched model call; ``actions`` ``[B, 2]``.
+
+        Each world draws its noise from its own RNG, so the results match stepping the
+        worlds one by one up to float rounding (batched matrix products sum in another
+        order). Leaves this model in the last world's state."""
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2 or len(actions) != len(states):
+            raise InvalidActionError(
+                f"step_batch needs actions of shape [{len(states)}, {self.action_dim}], "
+                f"got {actions.shape}"
+            )
+        acts = np.stack([self.check_action(a) for a in actions]) if len(actions) else actions
+        worlds = [self._world_from_state(s, include_rng=True) for s in states]
+        if not worlds:
+            return [], []
+        self._step_worlds(worlds, acts)
+        self._w = worlds[-1]
+        return [self._state_of(w) for w in worlds], [self._output(w) for w in worlds]
 
     # --- DreamZero's reset rules ------------------------------------------------------------
     def _reset_reason(self, language: torch.Tensor, n_input_frames: int) -> str | None:
         """Why the caches must be rebuilt before this call, or None to keep them."""
-        if self._language is None:
+        if self._w is None:
             return "no stored language"
         if n_input_frames == 1:
             return "1-frame input"
-        if not torch.equal(self._language, language):
+        if not torch.equal(self._w.language, language):
             return "language changed"
         return None
 
-    def _reset(self, prompt: str, seed: int, first_latent: torch.Tensor, reason: str | None) -> None:
-        self._clear()
-        self.last_reset_reason = reason
-        self._prompt, self._seed = prompt, int(seed)
-        self._gen.manual_seed(int(seed))
-        self._ys = first_latent
-        self._clip_feas = self.net.encode_image(first_latent)
-        self._set_text(prompt)
+    @property
+    def _language(self) -> torch.Tensor | None:
+        """The stored language key (token ids of the prompt), or None before start."""
+        return None if self._w is None else self._w.language
 
-    def _set_text(self, prompt: str) -> None:
+    def _encode_prompt(self, w: _World, prompt: str) -> None:
+        """Text tokens and the per-layer cross-attention cache of both branches."""
         net = self.net
-        self._language = net.tokenize([prompt])[0]
-        ids = self._language[None].expand(2, -1)
+        w.prompt = prompt
+        w.language = net.tokenize([prompt])[0]
+        ids = w.language[None].expand(2, -1)
         text = net.encode_text(ids, null=torch.tensor([False, True]))  # [2, Lt, d]
-        self._text = text[:1]
-        self._cross = net.cross_context(text, self._clip_feas.expand(2, -1, -1))
+        w.text = text[:1]
+        cross = net.cross_context(text, w.clip_feas.expand(2, -1, -1))
+        # [layers, 2 (k, v), 2 (branch), H, Lc, hd]
+        w.cross = torch.stack([torch.stack([k, v]) for k, v in cross]).contiguous()
 
-    # --- generation ---------------------------------------------------------------------------
-    def _cache_kv(
-        self, max_frames: int | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer (K, V) [2 branches, H, L, hd] over the cached window (its last
-        ``max_frames`` frames if given), or None."""
-        blocks = self._blocks
-        if max_frames is not None:
-            blocks = blocks[max(0, len(blocks) - max_frames) :]
-        if not blocks:
-            return None
-        kv = torch.stack(blocks, dim=0)  # [F, layers, 2, 2, H, T_F, hd]
-        kv = kv.permute(1, 2, 3, 4, 0, 5, 6).flatten(4, 5)  # [layers, 2, 2, H, F*T_F, hd]
-        return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+    # --- batched generation -------------------------------------------------------------------
+    def _gather(self, worlds: list[_World], *, max_frames: int | None, new_tokens: int):
+        """Caches of ``worlds`` stacked for one call: per layer (K, V) ``[2B, H, L, hd]``
+        (rows 2b, 2b+1 = world b's cond, uncond branch), cross (K, V) ``[2B, H, Lc, hd]``,
+        and an attention mask ``[2B, 1, 1, L + new_tokens]`` when windows differ in length."""
+        tf = self.net.cfg.tokens_per_frame
+        blocks = [w.blocks[max(0, len(w.blocks) - max_frames):] if max_frames else w.blocks
+                  for w in worlds]  # fmt: skip
+        cross = torch.stack([w.cross for w in worlds], dim=2).flatten(2, 3)  # [l, 2, 2B, H, Lc, hd]
+        cross_kv = [(cross[i, 0], cross[i, 1]) for i in range(cross.shape[0])]
+        longest = max(len(b) for b in blocks)
+        if longest == 0:
+            return None, cross_kv, None
+        layers, _, _, h, _, hd = worlds[0].blocks[-1].shape
+        kv = torch.zeros(len(worlds), longest, layers, 2, 2, h, tf, hd)
+        for b, bl in enumerate(blocks):
+            if bl:
+                kv[b, longest - len(bl):] = torch.stack(bl)
+        # -> [layers, 2 (k, v), 2B, H, L, hd]
+        kv = kv.permute(2, 3, 0, 4, 5, 1, 6, 7).flatten(2, 3).flatten(4, 5)
+        caches = [(kv[i, 0], kv[i, 1]) for i in range(layers)]
+        mask = None
+        if any(len(bl) != longest for bl in blocks):
+            valid = torch.ones(len(worlds), longest * tf + new_tokens, dtype=torch.bool)
+            for b, bl in enumerate(blocks):
+                valid[b, : (longest - len(bl)) * tf] = False  # left padding
+            mask = valid.repeat_interleave(2, dim=0)[:, None, None, :]
+        return caches, cross_kv, mask
 
-    def _branches(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.expand(2, *tokens.shape[1:])
+    def _step_worlds(self, worlds: list[_World], actions: np.ndarray) -> None:
+        with torch.no_grad():
+            latents, agents = self._generate(worlds, torch.tensor(actions, dtype=torch.float32))
+            prev = np.stack([w.info[w.n - 1, 0:2] for w in worlds])
+            self._write(worlds, latents, agents, prev, real=False)
 
-    def _generate(self, action: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Denoise the next frame (cache frozen): latent [C, S, S], next pusher pos (px)."""
+    def _generate(self, worlds: list[_World], actions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Denoise each world's next frame (caches frozen): latents ``[B, C, S, S]`` and the
+        next pusher positions ``[B, 2]`` (px)."""
         net, c = self.net, self.net.cfg
-        caches = self._cache_kv()
-        frame_index = self.frame_count  # the frame being generated
-        cur, prev = self._info[-1][0:2], self._info[-2][0:2] if len(self._info) > 1 else self._info[-1][0:2]
+        tf, B = c.tokens_per_frame, len(worlds)
+        caches, cross, mask = self._gather(worlds, max_frames=None, new_tokens=tf + 2)
+        cur = np.stack([w.info[w.n - 1, 0:2] for w in worlds])
+        prev = np.stack([w.info[max(w.n - 2, 0), 0:2] for w in worlds])
         state = state_features(
-            torch.tensor(normalise_pos(cur), dtype=torch.float32)[None],
-            torch.tensor(normalise_pos(prev), dtype=torch.float32)[None],
+            torch.tensor(normalise_pos(cur), dtype=torch.float32),
+            torch.tensor(normalise_pos(prev), dtype=torch.float32),
         )
-        ctrl = self._branches(net.control_tokens(action, state))  # [2, 2, d]
-        ys = self._branches(self._ys)
-        pos = torch.full((c.tokens_per_frame + 2,), float(frame_index))
-        x = torch.randn(1, c.latent_channels, c.latent_size, c.latent_size, generator=self._gen)
+        ctrl = net.control_tokens(actions, state).repeat_interleave(2, dim=0)  # [2B, 2, d]
+        ys = torch.cat([w.ys for w in worlds]).repeat_interleave(2, dim=0)
+        pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None]
+        pos = pos.expand(2 * B, tf + 2)
+        shape = (1, c.latent_channels, c.latent_size, c.latent_size)
+        x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
         n = self.num_denoise_steps
         agent = None
         for i in range(n):
-            t = torch.full((2,), i / n)
-            tokens = net.frame_tokens(self._branches(x), ys, t)
-            hidden, _ = net.run(torch.cat([tokens, ctrl], dim=1), pos, self._cross, caches)
-            v = net.velocity(hidden[:, : c.tokens_per_frame])  # [2, T_F, P]
-            v = v[1] + self.cfg_scale * (v[0] - v[1]) if self.cfg_scale != 1.0 else v[0]
-            x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch)[None] / n
-            agent = net.next_agent(hidden[0, c.tokens_per_frame + 1])
+            t = torch.full((2 * B,), i / n)
+            tokens = net.frame_tokens(x.repeat_interleave(2, dim=0), ys, t)
+            hidden, _ = net.run(torch.cat([tokens, ctrl], dim=1), pos, cross, caches, mask)
+            v = net.velocity(hidden[:, :tf]).view(B, 2, tf, -1)
+            v = v[:, 1] + self.cfg_scale * (v[:, 0] - v[:, 1]) if self.cfg_scale != 1.0 else v[:, 0]
+            x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) / n
+            agent = net.next_agent(hidden[0::2, tf + 1])
         agent_px = (agent.numpy().astype(np.float64) + 1.0) * (pusht.WORLD_SIZE / 2)
-        return x[0], agent_px
+        return x, agent_px
 
-    def _write(self, latent: torch.Tensor, agent: np.ndarray, agent_prev: np.ndarray, *, real: bool) -> None:
-        """Write frame ``latent`` [C, S, S] into both caches; run the heads; append it."""
+    def _write(self, worlds: list[_World], latents: torch.Tensor, agents: np.ndarray,
+               agents_prev: np.ndarray, *, real: bool) -> None:
+        """Write each world's new frame ``latents[b]`` into both of its caches, run the
+        heads, and append the frame (new tensors and lists only; nothing is edited)."""
         net, c = self.net, self.net.cfg
-        frame_index = self.frame_count
-        # The frame sees at most local_attn_size - 1 earlier frames (with itself: the
-        # window). Rewriting the current frame (resync, set_prompt) after the window has
-        # slid then sees exactly the context the original write saw.
-        caches = self._cache_kv(max_frames=self.local_attn_size - 1)
-        tokens = net.frame_tokens(
-            self._branches(latent[None]), self._branches(self._ys), torch.ones(2)
-        )
-        pos = torch.full((c.tokens_per_frame,), float(frame_index))
-        hidden, kvs = net.run(tokens, pos, self._cross, caches)
-        # [layers, 2 (k, v), 2 (branch), H, T_F, hd]: one immutable block per frame.
-        block = torch.stack([torch.stack([k, v]) for k, v in kvs]).contiguous()
-        self._blocks = self._blocks + [block]
-        if len(self._blocks) > self.local_attn_size:  # window full: slide
-            drop = len(self._blocks) - self.local_attn_size
-            self._blocks = self._blocks[drop:]
-            self._cache_start += drop
-        heads = net.heads(hidden[0], self._text[0])
-        self._proposal = torch.cat(
-            [heads["mdn_logits"][:, None], heads["mdn_mean"], heads["mdn_log_std"]], dim=-1
-        ).clone()
-        bp = heads["block_pose"].numpy().astype(np.float64)
-        angle = math.atan2(bp[2], bp[3]) % (2 * math.pi)
-        # Predicted positions are kept inside the workspace, where the real ones are.
-        agent = np.clip(agent, 0.0, pusht.WORLD_SIZE)
-        bx, by = np.clip((bp[:2] + 1) * (pusht.WORLD_SIZE / 2), 0.0, pusht.WORLD_SIZE)
-        info = np.array(
-            [agent[0], agent[1], bx, by, angle,
-             float(heads["coverage"]), float(torch.sigmoid(heads["success_logit"])), float(real)],
-            dtype=np.float64,
-        )  # fmt: skip
-        self._info.append(info)
-        self._append_latent(latent)
-
-    def _append_latent(self, latent: torch.Tensor) -> None:
-        lat = latent[None].clone()
-        if self._chunks and len(self._chunks[-1]) < LATENT_CHUNK:
-            # A new tensor for the grown chunk: earlier states keep the old one.
-            self._chunks = self._chunks[:-1] + [torch.cat([self._chunks[-1], lat])]
-        else:
-            self._chunks = self._chunks + [lat]
+        tf, B = c.tokens_per_frame, len(worlds)
+        # A frame sees at most local_attn_size - 1 earlier frames (with itself: the
+        # window), so rewriting the current frame after the window slid sees exactly the
+        # context the original write saw.
+        caches, cross, mask = self._gather(worlds, max_frames=self.local_attn_size - 1, new_tokens=tf)
+        ys = torch.cat([w.ys for w in worlds]).repeat_interleave(2, dim=0)
+        tokens = net.frame_tokens(latents.repeat_interleave(2, dim=0), ys, torch.ones(2 * B))
+        pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None].expand(2 * B, tf)
+        hidden, kvs = net.run(tokens, pos, cross, caches, mask)
+        k_all = torch.stack([k for k, _ in kvs])  # [layers, 2B, H, T_F, hd]
+        v_all = torch.stack([v for _, v in kvs])
+        heads = net.heads(hidden[0::2], torch.cat([w.text for w in worlds]))
+        proposal = torch.cat(
+            [heads["mdn_logits"][..., None], heads["mdn_mean"], heads["mdn_log_std"]], dim=-1
+        )  # [B, n_mixture, 5]
+        bp = heads["block_pose"].numpy().astype(np.float64)  # [B, 4]
+        cov = heads["coverage"].numpy().astype(np.float64)
+        succ = torch.sigmoid(heads["success_logit"]).numpy().astype(np.float64)
+        for b, w in enumerate(worlds):
+            # [layers, 2 (k, v), 2 (branch), H, T_F, hd]: one immutable block per frame.
+            block = torch.stack([k_all[:, 2 * b : 2 * b + 2], v_all[:, 2 * b : 2 * b + 2]], dim=1)
+            w.blocks = w.blocks + [block.contiguous()]
+            if len(w.blocks) > self.local_attn_size:  # window full: slide
+                drop = len(w.blocks) - self.local_attn_size
+                w.blocks = w.blocks[drop:]
+                w.cache_start += drop
+            w.proposal = proposal[b].clone()
+            angle = math.atan2(bp[b, 2], bp[b, 3]) % (2 * math.pi)
+            # Predicted positions are kept inside the workspace, where the real ones are.
+            agent = np.clip(agents[b], 0.0, pusht.WORLD_SIZE)
+            bx, by = np.clip((bp[b, :2] + 1) * (pusht.WORLD_SIZE / 2), 0.0, pusht.WORLD_SIZE)
+            w.append_info([agent[0], agent[1], bx, by, angle, cov[b], succ[b], float(real)])
+            w.append_latent(latents[b])
 
     # --- real-world synchronisation ---------------------------------------------------------
     @torch.no_grad()
@@ -319,49 +337,58 @@ class MiniDreamZero(WorldModel):
         latent = torch.as_tensor(latent, dtype=torch.float32)
         c = self.net.cfg
         if latent.shape != (c.latent_channels, c.latent_size, c.latent_size):
-            raise ValueError(f"latent must have shape ({c.latent_channels}, {c.latent_size}, {c.latent_size}), got {tuple(latent.shape)}")
-        last = self._info[-1]
-        agent = last[0:2] if agent_pos is None else _check_agent_pos(agent_pos)
+            raise ValueError(
+                f"latent must have shape ({c.latent_channels}, {c.latent_size}, "
+                f"{c.latent_size}), got {tuple(latent.shape)}"
+            )
+        w = self._w
+        agent = w.info[w.n - 1, 0:2].copy() if agent_pos is None else _check_agent_pos(agent_pos)
         self._rewrite_current(latent, agent, real=frame is not None)
 
     def _rewrite_current(self, latent: torch.Tensor, agent: np.ndarray, real: bool) -> None:
         """Drop the current frame's block, latent and record; write ``latent`` instead."""
-        self._info = self._info[:-1]
-        prev = self._info[-1][0:2] if self._info else agent
-        self._blocks = self._blocks[:-1]
-        tail = self._chunks[-1][:-1]
-        self._chunks = self._chunks[:-1] + ([tail] if len(tail) else [])
-        self._write(latent, agent, prev, real=real)
+        w = self._w
+        w.n -= 1
+        prev = w.info[w.n - 1, 0:2].copy() if w.n else agent
+        w.blocks = w.blocks[:-1]
+        tail = w.chunks[-1][:-1]
+        w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
+        self._write([w], latent[None], agent[None], prev[None], real=real)
 
     # --- state -------------------------------------------------------------------------------
-    def extract_state(self) -> ModelState:
-        self._require_started()
+    def _state_of(self, w: _World) -> ModelState:
         c = self.net.cfg
         tensors: dict[str, torch.Tensor] = {
-            "language_ids": self._language,  # [Lt] int64
-            "ys": self._ys,  # [1, C, S, S]
-            "clip_feas": self._clip_feas,  # [1, n_img, d]
-            "rng_state": self._gen.get_state(),  # uint8
-            "frame_info": torch.from_numpy(np.stack(self._info)),  # [T, 8] float64
-            "proposal": self._proposal,  # [n_mixture, 5]
+            "language_ids": w.language,  # [Lt] int64
+            "text": w.text,  # [1, Lt, d]
+            "ys": w.ys,  # [1, C, S, S]
+            "clip_feas": w.clip_feas,  # [1, n_img, d]
+            "crossattn_cache": w.cross,  # [layers, 2, 2, H, Lc, hd]
+            "rng_state": w.gen.get_state(),  # uint8
+            "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 8] float64
+            "proposal": w.proposal,  # [n_mixture, 5]
         }
-        for k, block in enumerate(self._blocks):
-            tensors[f"kv_cache/{self._cache_start + k:06d}"] = block
-        for k, chunk in enumerate(self._chunks):
+        for k, block in enumerate(w.blocks):
+            tensors[f"kv_cache/{w.cache_start + k:06d}"] = block
+        for k, chunk in enumerate(w.chunks):
             tensors[f"latent_video/{k:05d}"] = chunk
         meta = {
             "state_version": STATE_VERSION,
-            "prompt": self._prompt,
-            "seed": self._seed,
-            "current_start_frame": self.frame_count,
-            "cache_start_frame": self._cache_start,
+            "prompt": w.prompt,
+            "seed": w.seed,
+            "current_start_frame": w.n,
+            "cache_start_frame": w.cache_start,
             "local_attn_size": self.local_attn_size,
             "num_frame_per_block": c.num_frame_per_block,
             "weights": self.weights.meta.get("weights_id", ""),
         }
         return ModelState(tensors=tensors, meta=meta)
 
-    def load_state(self, state: ModelState, *, include_rng: bool = True) -> None:
+    def extract_state(self) -> ModelState:
+        self._require_started()
+        return self._state_of(self._w)
+
+    def _world_from_state(self, state: ModelState, *, include_rng: bool) -> _World:
         t, meta = state.tensors, state.meta
         if meta.get("state_version") != STATE_VERSION or "language_ids" not in t:
             raise StateMismatchError(f"not a {self.name} state (version {meta.get('state_version')})")
@@ -371,66 +398,86 @@ class MiniDreamZero(WorldModel):
                 f"{self.weights.meta.get('weights_id')!r}"
             )
         self.check_prompt(meta["prompt"])
-        # Check before touching anything: a refused state leaves the model as it was.
         if len(t["frame_info"]) != int(meta["current_start_frame"]):
             raise StateMismatchError("frame_info and current_start_frame disagree")
-        self._clear()
-        # Set the language key explicitly: a restored state must never trip the reset check.
-        self._language = t["language_ids"]
-        self._prompt, self._seed = meta["prompt"], int(meta["seed"])
-        self._ys, self._clip_feas = t["ys"], t["clip_feas"]
-        self._set_text(self._prompt)
-        self._blocks = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache/"))]
-        self._cache_start = int(meta["cache_start_frame"])
-        self._chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        self._info = list(t["frame_info"].numpy().copy())
-        self._proposal = t["proposal"]
+        gen = torch.Generator()
         if include_rng:
-            self._gen.set_state(t["rng_state"].clone())
+            gen.set_state(t["rng_state"].clone())
+        elif self._w is not None:
+            gen.set_state(self._w.gen.get_state())  # keep the live stream (ALE semantics)
+        # References, not copies: these tensors are never written again by anyone.
+        w = _World(prompt=meta["prompt"], seed=int(meta["seed"]), ys=t["ys"], gen=gen)
+        w.language, w.text, w.clip_feas, w.cross = (
+            t["language_ids"], t["text"], t["clip_feas"], t["crossattn_cache"],
+        )  # fmt: skip
+        w.blocks = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache/"))]
+        w.cache_start = int(meta["cache_start_frame"])
+        w.chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
+        w.set_info(t["frame_info"].numpy())
+        w.proposal = t["proposal"]
+        return w
+
+    def load_state(self, state: ModelState, *, include_rng: bool = True) -> None:
+        # The language key comes with the state: a restored state never trips the reset
+        # check, and nothing is re-encoded.
+        self._w = self._world_from_state(state, include_rng=include_rng)
+        self.last_reset_reason = None
 
     def set_prompt(self, prompt: str) -> None:
         self._require_started()
         self.check_prompt(prompt)
         # Re-encode the text conditioning and move the reset key with it: the history
         # (self-attention cache, latent video) continues under the new prompt.
-        self._prompt = prompt
         with torch.no_grad():
-            self._set_text(prompt)
+            self._encode_prompt(self._w, prompt)
             # Rewrite the current frame under the new prompt: its cache block and its head
             # outputs (coverage is about the new goal) follow the new conditioning.
-            row = self._info[-1]
-            self._rewrite_current(self.latent(self.frame_count - 1), row[0:2], bool(row[7]))
+            w = self._w
+            row = w.info[w.n - 1]
+            self._rewrite_current(self.latent(w.n - 1), row[0:2].copy(), bool(row[7]))
 
     def set_seed(self, seed: int) -> None:
-        self._seed = int(seed)
-        self._gen.manual_seed(int(seed))
+        self._require_started()
+        self._w.seed = int(seed)
+        self._w.gen.manual_seed(int(seed))
 
     # --- reading -------------------------------------------------------------------------------
     @property
     def frame_count(self) -> int:
-        return len(self._info)
+        return 0 if self._w is None else self._w.n
 
     @property
     def prompt(self) -> str:
-        return self._prompt
+        return pusht.DEFAULT_PROMPT if self._w is None else self._w.prompt
 
     @property
     def seed(self) -> int:
-        return self._seed
+        return 0 if self._w is None else self._w.seed
+
+    @property
+    def crossattn_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) ``[2 branches, heads, Lc, head_dim]`` over prompt and image."""
+        self._require_started()
+        return [(c[0], c[1]) for c in self._w.cross]
+
+    @property
+    def _blocks(self) -> list[torch.Tensor]:
+        return [] if self._w is None else self._w.blocks
 
     def observe(self) -> dict[str, np.ndarray]:
         self._require_started()
-        row = self._info[-1]
+        w = self._w
+        row = w.info[w.n - 1]
         return {
             "agent_pos": row[0:2].astype(np.float32),
             "block_pose": row[2:5].astype(np.float32),
-            "goal_pose": pusht.goal_pose(self._prompt).astype(np.float32),
+            "goal_pose": pusht.goal_pose(w.prompt).astype(np.float32),
         }
 
     def latent(self, frame_index: int) -> torch.Tensor:
         """The latent of frame ``frame_index``, [C, S, S]."""
         i = self.check_frame_index(frame_index)
-        return self._chunks[i // LATENT_CHUNK][i % LATENT_CHUNK]
+        return self._w.chunks[i // LATENT_CHUNK][i % LATENT_CHUNK]
 
     @torch.no_grad()
     def decode_frame(self, frame_index: int) -> np.ndarray:
@@ -443,7 +490,7 @@ class MiniDreamZero(WorldModel):
         current frame (a mixture of Gaussians), clipped to the action box."""
         self._require_started()
         rng = rng or np.random.default_rng()
-        p = self._proposal.numpy().astype(np.float64)
+        p = self._w.proposal.numpy().astype(np.float64)
         w = np.exp(p[:, 0] - p[:, 0].max())
         comp = rng.choice(len(p), size=n, p=w / w.sum())
         a = p[comp, 1:3] + np.exp(p[comp, 3:5]) * rng.standard_normal((n, 2))
@@ -451,8 +498,9 @@ class MiniDreamZero(WorldModel):
 
     def kv_cache(self, layer: int, branch: str = "cond") -> torch.Tensor:
         """DreamZero's per-layer cache view ``[2, B=1, L, heads, head_dim]`` (k, v)."""
+        self._require_started()
         b = {"cond": 0, "uncond": 1}[branch]
-        kv = torch.stack([blk[layer, :, b] for blk in self._blocks], dim=0)  # [F, 2, H, T_F, hd]
+        kv = torch.stack([blk[layer, :, b] for blk in self._w.blocks], dim=0)  # [F, 2, H, T_F, hd]
         return kv.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, None]
 
     def spawn(self) -> MiniDreamZero:
@@ -476,7 +524,7 @@ class MiniDreamZero(WorldModel):
 
     # --- helpers ---------------------------------------------------------------------------
     def _require_started(self) -> None:
-        if self._language is None:
+        if self._w is None:
             raise RuntimeError(f"{self.name}: call start() (or load_state()) first")
 
     def _check_frame(self, frame) -> np.ndarray:
@@ -486,17 +534,74 @@ class MiniDreamZero(WorldModel):
             raise ValueError(f"frame must be uint8 {want}, got {frame.dtype} {frame.shape}")
         return frame
 
-    def _frame_record_info(self) -> dict[str, Any]:
-        row = self._info[-1]
+    def _output(self, w: _World) -> StepOutput:
+        info = self._frame_record_info(w)
+        return StepOutput(
+            observation=self._observe(w),
+            reward=pusht.reward_from_coverage(info["coverage"]),
+            terminated=bool(info["success_prob"] > 0.5),
+            info=info,
+        )
+
+    def _observe(self, w: _World) -> dict[str, np.ndarray]:
+        row = w.info[w.n - 1]
+        return {
+            "agent_pos": row[0:2].astype(np.float32),
+            "block_pose": row[2:5].astype(np.float32),
+            "goal_pose": pusht.goal_pose(w.prompt).astype(np.float32),
+        }
+
+    def _frame_record_info(self, w: _World | None = None) -> dict[str, Any]:
+        w = w or self._w
+        row = w.info[w.n - 1]
         return {
             "coverage": float(np.clip(row[5], 0.0, 1.0)),
             "is_success": bool(row[6] > 0.5),
             "success_prob": float(row[6]),
             "agent_pos": row[0:2].copy(),
             "block_pose": row[2:5].copy(),
-            "goal_pose": pusht.goal_pose(self._prompt),
+            "goal_pose": pusht.goal_pose(w.prompt),
             "real_frame": bool(row[7]),
         }
+
+
+class _World:
+    """One world's working state. Tensors in it are never written in place: a step makes
+    new tensors and new lists, so every state handed out stays valid (copy-on-write)."""
+
+    def __init__(self, *, prompt: str, seed: int, ys: torch.Tensor, gen: torch.Generator):
+        self.prompt, self.seed, self.gen = prompt, seed, gen
+        self.ys = ys  # [1, C, S, S] first-frame latent
+        self.language: torch.Tensor | None = None  # [Lt] int64, the reset key
+        self.text: torch.Tensor | None = None  # [1, Lt, d] conditional prompt tokens
+        self.clip_feas: torch.Tensor | None = None  # [1, n_img, d]
+        self.cross: torch.Tensor | None = None  # [layers, 2, 2, H, Lc, hd]
+        self.blocks: list[torch.Tensor] = []  # per cached frame [layers, 2, 2, H, T_F, hd]
+        self.cache_start = 0  # frame index of blocks[0]
+        self.chunks: list[torch.Tensor] = []  # latent video, [<=LATENT_CHUNK, C, S, S] each
+        self.info = np.zeros((0, FRAME_INFO_COLUMNS))  # [capacity, 8]; rows [:n] are valid
+        self.n = 0  # frames in the history
+        self.proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
+
+    def set_info(self, rows: np.ndarray) -> None:
+        self.info = np.array(rows, dtype=np.float64, copy=True)  # owned, never shared
+        self.n = len(rows)
+
+    def append_info(self, row) -> None:
+        if self.n == len(self.info):
+            grown = np.zeros((max(32, 2 * len(self.info)), FRAME_INFO_COLUMNS))
+            grown[: self.n] = self.info[: self.n]
+            self.info = grown
+        self.info[self.n] = row
+        self.n += 1
+
+    def append_latent(self, latent: torch.Tensor) -> None:
+        lat = latent[None].clone()
+        if self.chunks and len(self.chunks[-1]) < LATENT_CHUNK:
+            # A new tensor for the grown chunk: earlier states keep the old one.
+            self.chunks = self.chunks[:-1] + [torch.cat([self.chunks[-1], lat])]
+        else:
+            self.chunks = self.chunks + [lat]
 
 
 def _check_agent_pos(agent_pos) -> np.ndarray:
