@@ -77,31 +77,44 @@ def considered_visit_table(max_num_considered: int, num_simulations: int) -> np.
 
 
 class MuZeroScorer:
-    """PUCT: ``qtransform(q) + sqrt(n) * pb_c * prior / (visits + 1)``, plus 1e-7 noise
-    at selection time to break ties, as in mctx. The root uses the same rule."""
+    """PUCT: ``qtransform(q) + sqrt(n) * pb_c * prior / (visits + 1)`` plus ``1e-7 * U[0, 1)``
+    tie-breaking noise, as in mctx. The root uses the same rule (its invalid actions are
+    masked). mctx draws the noise at each selection; here it is drawn when a node is
+    rescored, which happens after every pass through it, so each selection still sees
+    fresh noise."""
 
-    uses_noise = True
-
-    def __init__(self, qtransform: Callable, pb_c_init: float, pb_c_base: float) -> None:
+    def __init__(
+        self, qtransform: Callable, pb_c_init: float, pb_c_base: float, rng: np.random.Generator
+    ) -> None:
         self.qtransform = qtransform
         self.pb_c_init = float(pb_c_init)
         self.pb_c_base = float(pb_c_base)
+        self.rng = rng
+        self._noise = np.empty(0, F32)  # a pool of 1e-7 * U[0, 1)
 
-    def interior(self, stats: NodeStats, mask: np.ndarray) -> np.ndarray:
+    def tie_noise(self, shape: tuple[int, int]) -> np.ndarray:
+        """``1e-7 * U[0, 1)`` of ``shape``: a window at a random offset into a pool (drawing
+        fresh floats for every rescored node would cost more than the rest of the rescore)."""
+        need = shape[0] * shape[1]
+        if need > self._noise.size // 2:
+            self._noise = self.rng.random(max(4 * need, 4096), dtype=F32) * F32(1e-7)
+        start = int(self.rng.integers(0, self._noise.size - need + 1))
+        return self._noise[start : start + need].reshape(shape)
+
+    def scores(self, stats: NodeStats, mask: np.ndarray, num_roots: int, sims_done: int):
+        """Selection scores ``[A, M]``; the first ``num_roots`` columns are roots."""
         n = stats.node_visits
         pb_c = self.pb_c_init + np.log((n + self.pb_c_base + 1.0) / self.pb_c_base)
-        policy = np.sqrt(n) * pb_c * stats.prior_probs / (stats.visit_counts + 1)
-        return self.qtransform(stats) + policy + mask
-
-    def root(self, stats: NodeStats, mask: np.ndarray, sims_done: int) -> np.ndarray:
-        return self.interior(stats, mask)
+        out = self.qtransform(stats)
+        out += np.sqrt(n) * pb_c * stats.prior_probs / (stats.visit_counts + 1)
+        out += self.tie_noise(out.shape)
+        out += mask
+        return out
 
 
 class GumbelScorer:
     """Gumbel MuZero: Sequential Halving with Gumbel at the root, the deterministic
     ``softmax(logits + q) - visits / (1 + sum visits)`` rule below it."""
-
-    uses_noise = False
 
     def __init__(
         self,
@@ -115,24 +128,29 @@ class GumbelScorer:
         self.considered = considered
         self.root_visits0 = root_visits0
 
-    def interior(self, stats: NodeStats, mask: np.ndarray) -> np.ndarray:
-        probs = softmax_axis0(stats.prior_logits + self.qtransform(stats))
+    def scores(self, stats: NodeStats, mask: np.ndarray, num_roots: int, sims_done: int):
+        """Selection scores ``[A, M]``; the first ``num_roots`` columns are the roots."""
+        q = self.qtransform(stats)
         visits = stats.visit_counts
-        return probs - visits / (1 + visits.sum(axis=0)) + mask
+        out = softmax_axis0(stats.prior_logits + q)
+        out -= visits / (1 + np.add.reduce(visits, axis=0))
+        out += mask
+        if num_roots:
+            k = num_roots
+            root_visits = self.root_visits(visits[:, :k])
+            penalty = np.where(root_visits == self.considered[sims_done], _ZERO, _NEG_INF)
+            out[:, :k] = self.score_considered(q[:, :k], penalty) + mask[:, :k]
+        return out
 
-    def root_visits(self, stats: NodeStats) -> np.ndarray:
+    def root_visits(self, visits: np.ndarray) -> np.ndarray:
         """Visits made by this search (reused visits don't count for the schedule). [A, B]"""
         if self.root_visits0 is None:
-            return stats.visit_counts
-        return stats.visit_counts - self.root_visits0
+            return visits
+        return visits - self.root_visits0
 
-    def root(self, stats: NodeStats, mask: np.ndarray, sims_done: int) -> np.ndarray:
-        visits = self.root_visits(stats)
-        penalty = np.where(visits == self.considered[sims_done], _ZERO, _NEG_INF)
-        return self.score_considered(stats, penalty) + mask
-
-    def score_considered(self, stats: NodeStats, penalty: np.ndarray) -> np.ndarray:
-        return np.maximum(F32(-1e9), self.gumbel_logits + self.qtransform(stats)) + penalty
+    def score_considered(self, q: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+        """``max(-1e9, gumbel + logits + q) + penalty`` at the roots. [A, B]"""
+        return np.maximum(F32(-1e9), self.gumbel_logits + q) + penalty
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,14 +256,20 @@ class Engine:
 
         self.block = np.zeros((bn + 1, a, _NF), F32)  # [nodes, A, fields] per-edge data
         self.node = np.zeros((3, bn + 1), F32)  # [visits, value, raw value] per node
-        self.children = np.full((bn + 1) * a, -1, np.int64)  # flat child index per edge
+        # Flat child index per edge; the dummy marks an unvisited child, so a row whose
+        # path ended walks on through the dummy (whose children are the dummy again).
+        self.children = np.full((bn + 1, a), self.dummy, np.int64)  # [nodes, A]
         self.reward = np.zeros((bn + 1) * a, F32)  # per edge
         self.discount = np.zeros((bn + 1) * a, F32)  # per edge
         self.discount[bn * a :] = 1.0
         self.child_value = np.zeros((bn + 1) * a, F32)  # per edge
         self.parents = np.full(bn, Tree.NO_PARENT, np.int64)  # in-row index
         self.action_from_parent = np.full(bn, Tree.NO_PARENT, np.int64)
-        self.score = np.zeros((bn + 1, a), F32)  # selection score per node and action
+        # The action each node would select next and the child it leads to (the dummy if
+        # unvisited): a node's score changes only when a simulation passes through it, and
+        # then it is rescored, so selection is a pointer chase along best_child.
+        self.best_act = np.zeros(bn + 1, np.int64)  # [nodes]
+        self.best_child = np.full(bn + 1, self.dummy, np.int64)  # [nodes]
         self.loaded: np.ndarray | None = None  # flat indices of nodes taken from root_tree
 
         proto = root_embedding if root_embedding is not None else None
@@ -282,8 +306,8 @@ class Engine:
         node[1, :, :m] = tree.node_values[:, :m]
         node[2, :, :m] = tree.raw_values[:, :m]
         ci = np.asarray(tree.children_index[:, :m], np.int64)
-        flat_ci = np.where(ci >= 0, ci + self.rowbase[:, None, None], -1)
-        self.children[: self.bn * a].reshape(b, n, a)[:, :m] = flat_ci
+        flat_ci = np.where(ci >= 0, ci + self.rowbase[:, None, None], self.dummy)
+        self.children[: self.bn].reshape(b, n, a)[:, :m] = flat_ci
         self.reward[: self.bn * a].reshape(b, n, a)[:, :m] = tree.children_rewards[:, :m]
         disc = self.discount[: self.bn * a].reshape(b, n, a)
         disc[:, :m] = tree.children_discounts[:, :m]
@@ -323,14 +347,12 @@ class Engine:
         s = self.node.take(ids, axis=1)  # [3, M]
         return NodeStats(g[_CV], g[_Q], g[_P], g[_L], s[0], s[1], s[2]), g[_MASK]
 
-    def _rescore(self, scorer, ids: np.ndarray) -> None:
+    def _rescore(self, scorer, ids: np.ndarray, num_roots: int, sims_done: int) -> None:
+        """Recompute the selection scores of nodes ``ids``, the first ``num_roots`` roots."""
         stats, mask = self._stats(ids)
-        self.score[ids] = scorer.interior(stats, mask).T
-
-    def _rescore_roots(self, scorer, sims_done: int) -> None:
-        roots = self.rowbase
-        stats, mask = self._stats(roots)
-        self.score[roots] = scorer.root(stats, mask, sims_done).T
+        act = scorer.scores(stats, mask, num_roots, sims_done).argmax(axis=0)  # [M]
+        self.best_act[ids] = act
+        self.best_child[ids] = self.children[ids, act]
 
     def root_stats(self) -> NodeStats:
         return self._stats(self.rowbase)[0]
@@ -339,98 +361,69 @@ class Engine:
 
     def simulate(self, params: Any, rng: np.random.Generator, recurrent_fn, scorer) -> None:
         b, a, s, dummy = self.b, self.a, self.s, self.dummy
-        muzero = isinstance(scorer, MuZeroScorer)
-        gumbel = not muzero
         if s == 0:
             return
-        # Scores of every node that already exists (roots; plus reused nodes).
+        roots = self.rowbase
+        # Scores of every node that already exists (the roots; plus reused nodes).
+        ids = roots
         if self.loaded is not None:
-            interior = np.setdiff1d(self.loaded, self.rowbase)
-            if interior.size:
-                self._rescore(scorer, interior)
-        self._rescore_roots(scorer, 0)
+            ids = np.concatenate((roots, np.setdiff1d(self.loaded, roots)))
+        self._rescore(scorer, ids, b, 0)
 
         max_depth = self.max_depth
         depth_cap = min(max_depth, self.n) + 1
         path_node = np.full((depth_cap + 1, b), dummy, np.int64)  # [depth, B] flat nodes
-        path_act = np.zeros((depth_cap, b), np.int64)  # [depth, B] actions
-        rows_all = np.arange(b)
-        roots = self.rowbase
         path_node[0] = roots
-        roots_a = roots * a
-        score, children = self.score, self.children
-        node_visits, node_value = self.node[0], self.node[1]
-        block_flat = self.block.reshape(-1)
+        path_node_flat = path_node.reshape(-1)
+        rows_all = np.arange(b)
+        block_flat, children = self.block.reshape(-1), self.children
+        best_act, best_child = self.best_act, self.best_child
+        node_visits, node_value, raw_value = self.node
         reward, discount, child_value = self.reward, self.discount, self.child_value
         emb = self.emb
         emb_numeric = emb.dtype != object
-
-        noise = np.empty(0, F32)
-        noise_pos = 0
-
-        def tie_noise(k: int) -> np.ndarray:
-            nonlocal noise, noise_pos
-            need = k * a
-            if noise_pos + need > noise.size:
-                noise = rng.random(max(need, 64 * b * a), dtype=F32) * F32(1e-7)
-                noise_pos = 0
-            out = noise[noise_pos : noise_pos + need].reshape(k, a)
-            noise_pos += need
-            return out
+        min_reduce = np.minimum.reduce
 
         for sim in range(s):
-            # ---- selection: descend while the chosen child exists and depth < max_depth.
-            sc = score[roots]
-            if muzero:
-                sc += tie_noise(b)
-            act = sc.argmax(axis=1)
-            path_act[0] = act
-            child = children[roots_a + act]
-            last_node, last_act, last_child = roots.copy(), act, child
-            rows = rows_all
+            # ---- selection: every row follows its nodes' best children while they exist
+            # and the depth is below max_depth; rows that stopped sit on the dummy node.
+            cur = roots
             depth = 1
             while depth < max_depth:
-                going = child >= 0
-                if not going.any():
+                child = best_child.take(cur)
+                if min_reduce(child) == dummy:
                     break
-                rows = rows[going]
-                cur = child[going]
-                path_node[depth, rows] = cur
-                sc = score[cur]
-                if muzero:
-                    sc += tie_noise(cur.size)
-                act_d = sc.argmax(axis=1)
-                path_act[depth, rows] = act_d
-                child = children[cur * a + act_d]
-                last_node[rows] = cur
-                last_act[rows] = act_d
-                last_child[rows] = child
+                path_node[depth] = cur = child
                 depth += 1
+            # The last real edge of each row: a new child, or an existing one at max_depth.
+            path_len = (path_node[:depth] != dummy).sum(axis=0)  # [B]
+            last_node = path_node_flat.take((path_len - 1) * b + rows_all)
+            last_act = best_act.take(last_node)
+            last_child = best_child.take(last_node)
 
             # ---- expansion: one batched model call for the whole batch.
-            leaf = np.where(last_child >= 0, last_child, self.next_base + sim)  # [B] flat
+            leaf = np.where(last_child == dummy, self.next_base + sim, last_child)  # [B]
             step, new_emb = recurrent_fn(params, rng, last_act, emb[last_node])
             r = as_vector(step.reward, b, "recurrent_fn output reward")
             g = as_vector(step.discount, b, "recurrent_fn output discount")
             v = as_vector(step.value, b, "recurrent_fn output value")
             logits = as_matrix(step.prior_logits, (b, a), "recurrent_fn output prior_logits")
             invalid = getattr(step, "invalid_actions", None)
-            blk_leaf = self.block[leaf]  # [B, A, fields] (copy; written back below)
+            blk_leaf = self.block.take(leaf, axis=0)  # [B, A, fields], written back below
             if invalid is not None:
                 invalid = as_mask(invalid, (b, a), "recurrent_fn output invalid_actions")
                 logits = mask_invalid(logits, invalid)
                 blk_leaf[:, :, _MASK] = np.where(invalid, _NEG_INF, _ZERO)
             else:
                 blk_leaf[:, :, _MASK] = 0.0
-            lt = np.ascontiguousarray(logits.T)
             blk_leaf[:, :, _L] = logits
-            blk_leaf[:, :, _P] = softmax_axis0(lt).T
+            blk_leaf[:, :, _P] = softmax_axis0(np.ascontiguousarray(logits.T)).T
             self.block[leaf] = blk_leaf
             node_visits[leaf] += 1
             node_value[leaf] = v
-            self.node[2, leaf] = v
+            raw_value[leaf] = v
             edge = last_node * a + last_act
-            children[edge] = leaf
+            children.reshape(-1)[edge] = leaf
             reward[edge] = r
             discount[edge] = g
             self.parents[leaf] = last_node - self.rowbase
@@ -448,36 +441,30 @@ class Engine:
 
             # ---- backup along the recorded path, all levels and rows at once.
             nodes = path_node[:depth]  # [D, B], dummy where a row stopped earlier
-            acts = path_act[:depth]
-            edges = nodes * a + acts  # dummy rows hit the dummy node's (0, 1) edges
-            r_path = reward[edges]
-            g_path = discount[edges]
+            edges = nodes * a + best_act.take(nodes)  # dummy entries hit its (0, 1) edges
+            r_path = reward.take(edges)
+            g_path = discount.take(edges)
             kids = path_node[1 : depth + 1]
             kids = np.where(kids == dummy, leaf, kids)  # the last real edge leads to the leaf
             returns = np.empty((depth, b), F32)
-            ret = node_value[leaf]
+            ret = node_value.take(leaf)
             for d in range(depth - 1, -1, -1):
                 np.multiply(g_path[d], ret, out=returns[d])
                 ret = np.add(r_path[d], returns[d], out=returns[d])
-            count = node_visits[nodes]
-            node_value[nodes] = (node_value[nodes] * count + returns) / (count + 1)
+            count = node_visits.take(nodes)
+            node_value[nodes] = (node_value.take(nodes) * count + returns) / (count + 1)
             node_visits[nodes] = count + 1
-            kid_value = node_value[kids]
+            kid_value = node_value.take(kids)
             child_value[edges] = kid_value
             base = edges * _NF
             block_flat[base + _Q] = r_path + g_path * kid_value
             block_flat[base] += 1  # children visits; duplicates only on the dummy
 
-            # ---- rescore the nodes whose statistics changed.
+            # ---- rescore the nodes whose statistics changed (roots first).
             if sim + 1 < s:
-                if gumbel:
-                    inner = nodes[1:]
-                    ids = np.concatenate((inner[inner != dummy], leaf))
-                    self._rescore(scorer, ids)
-                    self._rescore_roots(scorer, sim + 1)
-                else:
-                    ids = np.concatenate((nodes[nodes != dummy], leaf))
-                    self._rescore(scorer, ids)
+                inner = nodes[1:]
+                ids = np.concatenate((roots, inner[inner != dummy], leaf))
+                self._rescore(scorer, ids, b, sim + 1)
                 path_node[1:depth] = dummy
 
     # -- output -------------------------------------------------------------------------
@@ -485,8 +472,8 @@ class Engine:
     def to_tree(self, extra_data: Any) -> Tree:
         b, n, a, bn = self.b, self.n, self.a, self.bn
         blk = self.block[:bn].reshape(b, n, a, _NF)
-        ci = self.children[: bn * a].reshape(b, n, a)
-        ci = np.where(ci >= 0, ci - self.rowbase[:, None, None], Tree.UNVISITED)
+        ci = self.children[:bn].reshape(b, n, a)
+        ci = np.where(ci != self.dummy, ci - self.rowbase[:, None, None], Tree.UNVISITED)
         node = self.node[:, :bn].reshape(3, b, n)
         return freeze(
             Tree(

@@ -164,7 +164,7 @@ def muzero_policy(
         max_depth=max_depth,
         root_tree=root_tree,
     )
-    engine.simulate(params, rng, recurrent_fn, MuZeroScorer(qtransform, pb_c_init, pb_c_base))
+    engine.simulate(params, rng, recurrent_fn, MuZeroScorer(qtransform, pb_c_init, pb_c_base, rng))
     tree = engine.to_tree(extra_data=None)
     action_weights = tree.summary().visit_probs
     action = _sample_categorical(rng, np.log(np.maximum(action_weights, TINY)), temperature)
@@ -246,13 +246,14 @@ def gumbel_muzero_policy(
     # Act with the best action among the most visited ones: argmax of gumbel + logits +
     # completed Q over actions whose (this search's) visit count is the maximum.
     stats = engine.root_stats()
-    visits = scorer.root_visits(stats)  # [A, B]
+    completed_q = qtransform(stats)  # [A, B]
+    visits = scorer.root_visits(stats.visit_counts)  # [A, B]
     penalty = np.where(visits == visits.max(axis=0), F32(0), F32(-np.inf))
-    to_argmax = scorer.score_considered(stats, penalty)
+    to_argmax = scorer.score_considered(completed_q, penalty)
     to_argmax = np.where(root_mask.T, -np.inf, to_argmax)
     action = to_argmax.argmax(axis=0).astype(np.int32)
 
-    completed_q = qtransform(stats).T  # [B, A]
+    completed_q = completed_q.T  # [B, A]
     action_weights = _softmax_rows(mask_invalid(logits + completed_q, invalid))
     return PolicyOutput(action=action, action_weights=action_weights, search_tree=tree)
 
