@@ -270,6 +270,9 @@ class Engine:
         # then it is rescored, so selection is a pointer chase along best_child.
         self.best_act = np.zeros(bn + 1, np.int64)  # [nodes]
         self.best_child = np.full(bn + 1, self.dummy, np.int64)  # [nodes]
+        # Interior nodes whose actions are all invalid (terminal states): a simulation that
+        # reaches one re-evaluates it instead of taking an invalid action there.
+        self.dead_end = np.zeros(bn + 1, bool)  # [nodes]
         self.loaded: np.ndarray | None = None  # flat indices of nodes taken from root_tree
 
         proto = root_embedding if root_embedding is not None else None
@@ -316,6 +319,9 @@ class Engine:
         self.action_from_parent.reshape(b, n)[:, :m] = tree.action_from_parent[:, :m]
         self.emb[: self.bn].reshape((b, n) + self.emb.shape[1:])[:, :m] = tree.embeddings[:, :m]
         self.loaded = np.flatnonzero(node[0].reshape(-1) > 0)  # flat indices of kept nodes
+        dead = tree.node_invalid_actions[:, :m].all(axis=-1)  # [B, m]
+        dead[:, 0] = False  # the root is never skipped (mctx: argmax falls back to action 0)
+        self.dead_end[: self.bn].reshape(b, n)[:, :m] = dead
 
     def _init_roots(
         self,
@@ -377,7 +383,7 @@ class Engine:
         path_node_flat = path_node.reshape(-1)
         rows_all = np.arange(b)
         block_flat, children = self.block.reshape(-1), self.children
-        best_act, best_child = self.best_act, self.best_child
+        best_act, best_child, dead_end = self.best_act, self.best_child, self.dead_end
         node_visits, node_value, raw_value = self.node
         reward, discount, child_value = self.reward, self.discount, self.child_value
         emb = self.emb
@@ -400,6 +406,14 @@ class Engine:
             last_node = path_node_flat.take((path_len - 1) * b + rows_all)
             last_act = best_act.take(last_node)
             last_child = best_child.take(last_node)
+            dead = dead_end.take(last_node)
+            if dead.any():  # step back to the dead end's parent and re-evaluate it
+                rows = dead.nonzero()[0]
+                level = path_len[rows] - 1  # >= 1: the root is never a dead end
+                path_node[level, rows] = dummy
+                last_child[rows] = last_node[rows]
+                last_act[rows] = self.action_from_parent[last_node[rows]]
+                last_node[rows] = path_node[level - 1, rows]
 
             # ---- expansion: one batched model call for the whole batch.
             leaf = np.where(last_child == dummy, self.next_base + sim, last_child)  # [B]
@@ -414,8 +428,10 @@ class Engine:
                 invalid = as_mask(invalid, (b, a), "recurrent_fn output invalid_actions")
                 logits = mask_invalid(logits, invalid)
                 blk_leaf[:, :, _MASK] = np.where(invalid, _NEG_INF, _ZERO)
+                dead_end[leaf] = invalid.all(axis=1)
             else:
                 blk_leaf[:, :, _MASK] = 0.0
+                dead_end[leaf] = False
             blk_leaf[:, :, _L] = logits
             blk_leaf[:, :, _P] = softmax_axis0(np.ascontiguousarray(logits.T)).T
             self.block[leaf] = blk_leaf

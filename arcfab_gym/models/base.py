@@ -140,6 +140,12 @@ class WorldModel(abc.ABC):
     def decode_frame(self, frame_index: int) -> np.ndarray:
         """RGB picture of frame ``frame_index`` of the history: uint8 ``[H, W, 3]``."""
 
+    def embed(self, state: ModelState) -> np.ndarray:
+        """A vector describing the current frame of ``state`` in this model's own terms
+        (a latent for a learned model, the physical state for a simulator): the space in
+        which goal-distance objectives measure (DINO-WM style)."""
+        raise NotImplementedError(f"backend {self.name!r} has no embedding for goal objectives")
+
     @abc.abstractmethod
     def spawn(self) -> WorldModel:
         """A new, independent instance sharing this one's weights and configuration."""

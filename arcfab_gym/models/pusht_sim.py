@@ -255,6 +255,13 @@ class PushTSim(WorldModel):
             self._renderer = pusht.FrameRenderer(self.frame_size)
         return self._renderer.render(row[0:2], row[2:5], row[5:8])
 
+    def embed(self, state: ModelState) -> np.ndarray:
+        """The current frame's physical state: agent x, y and block x, y (px / 512), and
+        the block angle as (sin, cos)."""
+        row = state.tensors["video/poses"][-1].numpy()
+        return np.array([row[0] / 512, row[1] / 512, row[2] / 512, row[3] / 512,
+                         np.sin(row[4]), np.cos(row[4])])  # fmt: skip
+
     def spawn(self) -> PushTSim:
         return PushTSim(frame_size=self.frame_size, action_repeat=self.action_repeat)
 

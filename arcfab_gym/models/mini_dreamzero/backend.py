@@ -503,6 +503,11 @@ class MiniDreamZero(WorldModel):
         kv = torch.stack([blk[layer, :, b] for blk in self._w.blocks], dim=0)  # [F, 2, H, T_F, hd]
         return kv.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, None]
 
+    def embed(self, state: ModelState) -> np.ndarray:
+        """The current frame's VAE latent, flattened (``C * S * S``)."""
+        chunks = sorted(k for k in state.tensors if k.startswith("latent_video/"))
+        return state.tensors[chunks[-1]][-1].flatten().numpy().astype(np.float64)
+
     def spawn(self) -> MiniDreamZero:
         return MiniDreamZero(
             weights_dir=self.weights_dir, cfg_scale=self.cfg_scale,

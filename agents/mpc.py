@@ -1,0 +1,146 @@
+"""Model-predictive control: plan inside a model, act in the real Push-T, re-sync, repeat.
+
+The model is any registered backend. After each real step the model is brought back in
+step with the real world: a learned model steps with the executed action and then takes
+the real frame and pusher position into its caches (``resync``); the simulator, being
+exact, simply loads the real state. Planning is CEM / MPPI (via
+:func:`planners.world.sequence_evaluator`) or MCTS (via :class:`planners.world.WorldSearch`)
+over relative moves of the pusher.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from arcfab_gym.fabric.tree import TrajectoryTree
+from arcfab_gym.models.base import WorldModel
+from arcfab_gym.tasks import pusht
+from planners.cem import CEMConfig, CEMPlanner
+from planners.mcts import gumbel_muzero_policy, muzero_policy
+from planners.world import GoalObjective, WorldSearch, reward_objective, sequence_evaluator
+
+
+def relative_moves(step_px: float = 40.0, n_directions: int = 8, rings: int = 2):
+    """Candidate actions around the pusher: stay, then ``n_directions`` headings at
+    ``rings`` distances (``step_px``, ``2 * step_px``, ...). Returns
+    ``candidates(observation) -> [1 + n_directions * rings, 2]`` in action units."""
+    angles = np.arange(n_directions) * (2 * np.pi / n_directions)
+    unit = np.stack([np.cos(angles), -np.sin(angles)], axis=1)
+    offsets = np.concatenate(
+        [np.zeros((1, 2))] + [unit * step_px * (k + 1) for k in range(rings)], axis=0
+    )
+
+    def candidates(obs: dict[str, np.ndarray]) -> np.ndarray:
+        target = np.clip(obs["agent_pos"].astype(np.float64) + offsets, 0.0, pusht.WORLD_SIZE)
+        return pusht.target_to_action(target)
+
+    return candidates
+
+
+@dataclass
+class MPCConfig:
+    """Arguments of the MPC agent."""
+
+    planner: str = "mcts"
+    """mcts, gumbel, cem, mppi, or random."""
+    num_simulations: int = 32
+    """MCTS simulations per action."""
+    max_depth: int = 4
+    """MCTS depth limit (model steps ahead)."""
+    discount: float = 0.9
+    """Discount of the planning objective."""
+    step_px: float = 40.0
+    """Size of the MCTS relative moves (px)."""
+    cem: CEMConfig = field(default_factory=lambda: CEMConfig(horizon=5, num_samples=32,
+                                                             num_elites=6, iterations=3))
+    """CEM / MPPI settings."""
+    objective: str = "reward"
+    """reward (the model's reward head) or goal (distance to a goal state's embedding)."""
+    record_tree: bool = True
+    """Record every expanded node in the trajectory tree."""
+
+
+class MPCAgent:
+    """Plans with ``model`` and returns actions for the real environment."""
+
+    def __init__(self, model: WorldModel, cfg: MPCConfig, rng: np.random.Generator,
+                 *, tree: TrajectoryTree | None = None):
+        if cfg.planner not in ("mcts", "gumbel", "cem", "mppi", "random"):
+            raise ValueError(f"unknown planner {cfg.planner!r}: mcts, gumbel, cem, mppi, random")
+        self.model, self.cfg, self.rng = model, cfg, rng
+        self.tree = tree if tree is not None else TrajectoryTree()
+        self.candidates = relative_moves(cfg.step_px)
+        if cfg.planner in ("cem", "mppi"):
+            ccfg = CEMConfig(**{**cfg.cem.__dict__, "mppi": cfg.planner == "mppi"})
+            self.cem = CEMPlanner([-1.0, -1.0], [1.0, 1.0], ccfg)
+        self.objective = reward_objective
+        self.stats: dict[str, Any] = {}
+
+    def set_goal(self, goal_state) -> None:
+        """Plan towards ``goal_state`` (a ModelState of this model) instead of the reward."""
+        self.objective = GoalObjective.from_state(self.model, goal_state)
+
+    def reset(self) -> None:
+        if hasattr(self, "cem"):
+            self.cem.reset()
+
+    # --- acting ----------------------------------------------------------------------------
+    def act(self) -> np.ndarray:
+        """An action planned from the model's current state (which it leaves unchanged)."""
+        root = self.model.extract_state()
+        t0 = time.perf_counter()
+        planner = self.cfg.planner
+        if planner == "random":
+            action = self.rng.uniform(-1, 1, 2).astype(np.float32)
+            self.stats = {}
+        elif planner in ("cem", "mppi"):
+            res = self.cem.plan(
+                sequence_evaluator(self.model, root, objective=self.objective,
+                                   discount=self.cfg.discount),
+                self.rng,
+            )
+            action = res.action
+            self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
+                          "model_steps": res.evaluations * self.cem.cfg.horizon}
+        else:
+            action = self._search(root)
+        self.model.load_state(root)
+        self.stats["planning_seconds"] = time.perf_counter() - t0
+        return action
+
+    def _search(self, root) -> np.ndarray:
+        search = WorldSearch(self.model, self.candidates, objective=self.objective,
+                             discount=self.cfg.discount, tree=self.tree,
+                             store=getattr(self.tree, "store", None))
+        root_out = search.root([root])
+        policy = muzero_policy if self.cfg.planner == "mcts" else gumbel_muzero_policy
+        kwargs = {"dirichlet_fraction": 0.0, "temperature": 0.0} if policy is muzero_policy else {}
+        out = policy(None, self.rng, root_out, search.recurrent_fn, self.cfg.num_simulations,
+                     max_depth=self.cfg.max_depth, **kwargs)
+        root_id = root_out.embedding[0]
+        index = int(out.action[0])
+        if self.cfg.record_tree:
+            search.record(out.search_tree, out.action)
+        q = out.search_tree.summary().qvalues[0]
+        visits = out.search_tree.children_visits[0, 0]
+        depth = _max_depth(out.search_tree)
+        self.stats = {"root_visits": int(out.search_tree.node_visits[0, 0]),
+                      "q_spread": float(q[visits > 0].max() - q[visits > 0].min()) if (visits > 0).any() else 0.0,
+                      "depth": depth, "model_steps": search.expansions,
+                      "root_value": float(out.search_tree.node_values[0, 0])}  # fmt: skip
+        action = search.action_of(root_id, index)
+        search.release()
+        return action
+
+
+def _max_depth(tree) -> int:
+    parents = tree.parents[0]
+    depth = np.zeros(len(parents), dtype=int)
+    for n in range(1, len(parents)):
+        if parents[n] >= 0:
+            depth[n] = depth[parents[n]] + 1
+    return int(depth.max())

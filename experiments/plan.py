@@ -1,0 +1,209 @@
+"""Plan inside a world model with fork and rewind, act in the real Push-T, log the trees.
+
+For each episode: the real Push-T (pusht-sim, 4 control steps per action, 64 px frames)
+and the planning model start from the same seeded state; every step the MPC agent plans
+in the model (MCTS over relative moves, or CEM / MPPI over action sequences), the action
+runs in the real world, and the model is re-synced from the real observation.
+
+Writes under the run directory: ``results.json`` (per episode: return, final coverage,
+success, planning time per action, search statistics), a TensorBoard run (the same as
+curves, a picture of the search tree per episode, hparams), and ``trees/episode_<k>.html``
+(a D3 page of each episode's search tree).
+
+    python -m experiments.plan                                  # MCTS in mini-dreamzero
+    python -m experiments.plan planner=cem backend=pusht_sim experiment=full
+    python -m experiments.plan -m planner=mcts,cem,random hydra/launcher=joblib
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from agents.mpc import MPCAgent, MPCConfig
+from arcfab_gym.fabric.store import StateManager
+from arcfab_gym.fabric.tree import TrajectoryTree
+from arcfab_gym.models import create_world_model
+from arcfab_gym.models.pusht_sim import PushTSim
+from arcfab_gym.tasks import pusht
+from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
+from planners.cem import CEMConfig
+
+
+@dataclass
+class BackendConfig:
+    name: str = "mini-dreamzero"
+    """Registered backend to plan in."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Its constructor arguments."""
+
+
+@dataclass
+class PlannerConfig:
+    planner: str = "mcts"
+    """mcts, gumbel, cem, mppi or random."""
+    num_simulations: int = 32
+    """MCTS simulations per action."""
+    max_depth: int = 4
+    """MCTS depth limit."""
+    horizon: int = 5
+    """CEM / MPPI horizon."""
+    num_samples: int = 32
+    """CEM / MPPI samples per iteration."""
+    num_elites: int = 6
+    """CEM / MPPI elites."""
+    iterations: int = 3
+    """CEM / MPPI iterations."""
+    discount: float = 0.9
+    """Planning discount."""
+    step_px: float = 40.0
+    """MCTS move size (px)."""
+
+
+@dataclass
+class ExperimentConfig:
+    episodes: int = 2
+    """Seeded episodes (seeds seed .. seed + episodes - 1)."""
+    max_steps: int = 25
+    """Real steps per episode (75 = gym-pusht's 30 s at 4 control steps per action)."""
+
+
+@dataclass
+class PlanConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    prompt: str = pusht.DEFAULT_PROMPT
+    """Goal of the episodes."""
+    seed: int = 0
+    """First episode seed."""
+    action_repeat: int = 4
+    """Control steps per real action (must match the model's frames)."""
+    tree_pages: bool = True
+    """Write a D3 page of each episode's search tree."""
+
+
+cs = ConfigStore.instance()
+cs.store(name="plan_schema", node=PlanConfig)
+
+
+def sync(model, real: PushTSim, action: np.ndarray) -> None:
+    """Bring the planning model back in step with the real world after ``action``."""
+    if isinstance(model, PushTSim):
+        model.load_state(real.extract_state())  # the simulator is exact: copy the state
+        return
+    model.step(action)  # predict, then replace the prediction by what really happened
+    model.resync(frame=real.decode_frame(real.frame_count - 1),
+                 agent_pos=real.observe()["agent_pos"].astype(np.float64))
+
+
+def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out_dir: Path,
+                bar: tqdm) -> dict[str, Any]:
+    seed = cfg.seed + episode
+    rng = np.random.default_rng(seed)
+    init = pusht.sample_initial_state(rng)
+    real = PushTSim(action_repeat=cfg.action_repeat, frame_size=64)
+    real.start(cfg.prompt, seed, init)
+    model.start(cfg.prompt, seed, init)
+    p = cfg.planner
+    store = StateManager(model)
+    tree = TrajectoryTree(store=store)
+    agent = MPCAgent(model, MPCConfig(
+        planner=p.planner, num_simulations=p.num_simulations, max_depth=p.max_depth,
+        discount=p.discount, step_px=p.step_px,
+        cem=CEMConfig(horizon=p.horizon, num_samples=p.num_samples,
+                      num_elites=p.num_elites, iterations=p.iterations),
+    ), rng, tree=tree)  # fmt: skip
+    ret, plan_times, stats_log, cov, success = 0.0, [], [], 0.0, False
+    for t in range(cfg.experiment.max_steps):
+        action = agent.act()
+        plan_times.append(agent.stats.get("planning_seconds", 0.0))
+        stats_log.append(dict(agent.stats))
+        out = real.step(action)
+        ret += out.reward
+        cov, success = out.info["coverage"], out.info["is_success"]
+        sync(model, real, action)
+        bar.update(1)
+        bar.set_postfix(ep=episode, cov=f"{cov:.2f}")
+        if out.terminated:
+            break
+    result = {
+        "episode": episode, "seed": seed, "return": ret, "final_coverage": cov,
+        "success": bool(success), "steps": t + 1,
+        "seconds_per_action": statistics.mean(plan_times),
+        "model_steps_per_action": statistics.mean(s.get("model_steps", 0) for s in stats_log),
+        "tree_nodes": len(tree), "store_bytes": store.memory_bytes,
+    }  # fmt: skip
+    for key in ("root_visits", "depth", "q_spread"):
+        vals = [s[key] for s in stats_log if key in s]
+        if vals:
+            result[f"mean_{key}"] = statistics.mean(vals)
+    for k, v in result.items():
+        if isinstance(v, (int, float)) and k not in ("episode", "seed"):
+            writer.add_scalar(f"episode/{k}", float(v), episode)
+    if len(tree):
+        writer.add_image("search/tree", figure_to_rgb(tree_figure(tree, color_by="value",
+                         title=f"episode {episode}")), episode, dataformats="HWC")
+        if cfg.tree_pages:
+            write_tree_html(tree, out_dir / "trees" / f"episode_{episode}.html",
+                            title=f"{p.planner} in {model.name}, episode {episode}",
+                            color_by="value")
+    store.close()
+    real.close()
+    return result
+
+
+def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out_dir / "tb"))
+    model = create_world_model(cfg.backend.name, **cfg.backend.kwargs)
+    results = []
+    total = cfg.experiment.episodes * cfg.experiment.max_steps
+    t0 = time.perf_counter()
+    with tqdm(total=total, desc=f"{cfg.planner.planner} in {cfg.backend.name}", unit="step") as bar:
+        for k in range(cfg.experiment.episodes):
+            results.append(run_episode(cfg, model, k, writer, out_dir, bar))
+    summary = {
+        "planner": cfg.planner.planner, "backend": cfg.backend.name,
+        "episodes": len(results),
+        "success_rate": statistics.mean(r["success"] for r in results),
+        "mean_final_coverage": statistics.mean(r["final_coverage"] for r in results),
+        "mean_return": statistics.mean(r["return"] for r in results),
+        "seconds_per_action": statistics.mean(r["seconds_per_action"] for r in results),
+        "wall_seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    hparams = {"planner": cfg.planner.planner, "backend": cfg.backend.name,
+               "num_simulations": cfg.planner.num_simulations, "horizon": cfg.planner.horizon,
+               "max_steps": cfg.experiment.max_steps}  # fmt: skip
+    writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in summary.items()
+                                 if isinstance(v, float)}, run_name=".")  # fmt: skip
+    writer.close()
+    doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+           "episodes": results}  # fmt: skip
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="plan")
+def main(cfg) -> None:
+    plan_cfg = OmegaConf.to_object(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    doc = run(plan_cfg, out_dir)
+    print(json.dumps(doc["summary"], indent=1))
+    print(f"results: {out_dir / 'results.json'}   TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
+
+
+if __name__ == "__main__":
+    main()

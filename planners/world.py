@@ -1,0 +1,227 @@
+"""The world behind the search: planners over any backend through the Arc Fabric state layer.
+
+* :class:`WorldSearch` gives MCTS its ``recurrent_fn``: an embedding is a checkpoint id in
+  a :class:`~arcfab_gym.fabric.store.StateManager`; expanding ``B`` leaves forks their
+  checkpoints and steps them in one batched model call (``step_batch``), and every
+  expanded node is recorded in a :class:`~arcfab_gym.fabric.tree.TrajectoryTree`
+  (action, reward, then visits / value / chosen path after the search).
+* :func:`sequence_evaluator` gives CEM/MPPI its ``evaluate``: fork the root ``N`` times,
+  step all ``N`` action sequences batched, return their returns; the root is never
+  touched (the rewind is free).
+
+Objectives are pluggable: :func:`reward_objective` (the backend's reward head, default)
+or :class:`GoalObjective` (distance to a goal in the model's own embedding space, DINO-WM
+style). Nothing here knows which task the backend simulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from arcfab_gym.fabric.snapshot import WorldStateSnapshot
+from arcfab_gym.fabric.store import StateManager
+from arcfab_gym.fabric.tree import TrajectoryTree
+from arcfab_gym.models.base import ModelState, StepOutput, WorldModel
+from planners.mcts import RecurrentFnOutput, RootFnOutput, Tree
+
+#: objective(model, step_output, next_state) -> float, higher is better.
+Objective = Callable[[WorldModel, StepOutput, ModelState], float]
+
+
+def reward_objective(model: WorldModel, out: StepOutput, state: ModelState) -> float:
+    """The backend's own reward (for a learned model: its reward head)."""
+    return float(out.reward)
+
+
+class GoalObjective:
+    """Minus the distance to a goal in the backend's embedding space (``model.embed``),
+    scaled so that a typical distance is about 1."""
+
+    def __init__(self, goal_embedding: np.ndarray, scale: float = 1.0):
+        self.goal = np.asarray(goal_embedding, dtype=np.float64)
+        self.scale = float(scale)
+
+    @classmethod
+    def from_state(cls, model: WorldModel, goal_state: ModelState, scale: float | None = None):
+        goal = model.embed(goal_state)
+        return cls(goal, scale if scale is not None else max(1e-6, float(np.linalg.norm(goal))))
+
+    def __call__(self, model: WorldModel, out: StepOutput, state: ModelState) -> float:
+        return -float(np.linalg.norm(model.embed(state) - self.goal)) / self.scale
+
+
+def sequence_evaluator(
+    model: WorldModel,
+    root: ModelState,
+    *,
+    objective: Objective = reward_objective,
+    discount: float = 1.0,
+    on_rollout: Callable[[np.ndarray, list[StepOutput]], None] | None = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``evaluate(actions [N, H, A]) -> returns [N]`` by forking ``root`` N times.
+
+    Rewards after a terminal step are not counted (the episode ended there).
+    ``on_rollout(actions, last_outputs)`` is called after each evaluation (for logging).
+    """
+
+    def evaluate(seqs: np.ndarray) -> np.ndarray:
+        seqs = np.asarray(seqs, dtype=np.float32)
+        n, horizon = seqs.shape[:2]
+        states = [root] * n
+        returns = np.zeros(n)
+        alive = np.ones(n, dtype=bool)
+        outs: list[StepOutput] = []
+        for h in range(horizon):
+            states, outs = model.step_batch(states, seqs[:, h])
+            values = np.array([objective(model, o, s) for o, s in zip(outs, states)])
+            returns += alive * discount**h * values
+            alive &= ~np.array([o.terminated for o in outs])
+        if on_rollout is not None:
+            on_rollout(seqs, outs)
+        return returns
+
+    return evaluate
+
+
+class WorldSearch:
+    """MCTS's ``root`` / ``recurrent_fn`` over a backend, recorded in a trajectory tree.
+
+    Args:
+        model: any backend (it is used as a stepping engine: its own state is clobbered).
+        candidates: ``candidates(observation) -> [A, action_dim]``, the discrete action
+            set at a node (e.g. moves relative to the agent, or the model's proposals).
+        store, tree: where expanded nodes go (new ones by default).
+        objective: reward of a transition (default: the backend's reward).
+        value_fn: value estimate of a new leaf, ``value_fn(model, out, state)``; default
+            ``objective / (1 - discount)`` -- as if the reward held forever, a cheap
+            optimistic estimate for dense rewards.
+        discount: MCTS discount.
+        session_id: the tree's session label for search nodes.
+    """
+
+    def __init__(
+        self,
+        model: WorldModel,
+        candidates: Callable[[dict[str, np.ndarray]], np.ndarray],
+        *,
+        store: StateManager | None = None,
+        tree: TrajectoryTree | None = None,
+        objective: Objective = reward_objective,
+        value_fn: Objective | None = None,
+        discount: float = 0.95,
+        session_id: str = "search",
+    ):
+        if not 0.0 <= discount <= 1.0:
+            raise ValueError(f"discount must be in [0, 1], got {discount}")
+        self.model = model
+        self.candidates = candidates
+        self.store = store if store is not None else StateManager(model)
+        self.tree = tree if tree is not None else TrajectoryTree(store=self.store)
+        self.objective = objective
+        self.value_fn = value_fn
+        self.discount = float(discount)
+        self.session_id = session_id
+        self._actions: dict[str, np.ndarray] = {}  # checkpoint id -> [A, action_dim]
+        self._owned: list[str] = []
+        self.expansions = 0
+
+    # --- mctx plumbing --------------------------------------------------------------------
+    def root(
+        self, states: Sequence[ModelState], *, parent_ids: Sequence[str | None] | None = None
+    ) -> RootFnOutput:
+        """The roots of a batch of searches (one per state); uniform priors, value from
+        ``value_fn`` of the current frame is not available, so 0."""
+        ids = []
+        for b, state in enumerate(states):
+            parent = None if parent_ids is None else parent_ids[b]
+            ids.append(self._put(state, parent, kind="search-root", action=None, reward=None))
+        a = len(self._actions[ids[0]])
+        return RootFnOutput(
+            prior_logits=np.zeros((len(ids), a), dtype=np.float32),
+            value=np.zeros(len(ids), dtype=np.float32),
+            embedding=np.array(ids, dtype=object),
+        )
+
+    def recurrent_fn(self, params: Any, rng: np.random.Generator, action: np.ndarray,
+                     embedding: np.ndarray) -> tuple[RecurrentFnOutput, np.ndarray]:
+        ids = list(embedding)
+        action = np.asarray(action)
+        continuous = np.stack([self._actions[cid][int(a)] for cid, a in zip(ids, action)])
+        states = [self.store.get_snapshot(cid).model_state for cid in ids]
+        next_states, outs = self.model.step_batch(states, continuous)
+        self.expansions += len(ids)
+        rewards, values, discounts, new_ids = [], [], [], []
+        for cid, act, state, out in zip(ids, continuous, next_states, outs):
+            r = self.objective(self.model, out, state)
+            v = (self.value_fn(self.model, out, state) if self.value_fn is not None
+                 else r / max(1e-6, 1.0 - self.discount))  # fmt: skip
+            new_ids.append(self._put(state, cid, kind="search", action=act.tolist(), reward=r))
+            rewards.append(r)
+            values.append(0.0 if out.terminated else v)
+            discounts.append(0.0 if out.terminated else self.discount)
+        a = len(self._actions[new_ids[0]])
+        return (
+            RecurrentFnOutput(
+                reward=np.asarray(rewards, dtype=np.float32),
+                discount=np.asarray(discounts, dtype=np.float32),
+                prior_logits=np.zeros((len(ids), a), dtype=np.float32),
+                value=np.asarray(values, dtype=np.float32),
+            ),
+            np.array(new_ids, dtype=object),
+        )
+
+    # --- after a search ---------------------------------------------------------------------
+    def action_of(self, embedding_id: str, index: int) -> np.ndarray:
+        """The continuous action behind discrete action ``index`` at a node."""
+        return self._actions[embedding_id][int(index)].copy()
+
+    def record(self, tree: Tree, chosen: np.ndarray) -> None:
+        """Write visits and values of a finished search into the trajectory tree, and mark
+        the chosen path (root -> most visited child, repeatedly) as ``chosen``."""
+        visits, values = tree.node_visits, tree.node_values
+        for b in range(visits.shape[0]):
+            for n in range(visits.shape[1]):
+                cid = tree.embeddings[b][n] if _is_2d(tree.embeddings) else None
+                if cid is None or cid not in self.tree:
+                    continue
+                self.tree.update_node(cid, visits=int(visits[b, n]), value=float(values[b, n]))
+            node = 0
+            while True:
+                cid = tree.embeddings[b][node]
+                if cid in self.tree:
+                    self.tree.update_node(cid, chosen=True)
+                kids = tree.children_index[b, node]
+                if (kids < 0).all():
+                    break
+                counts = np.where(kids >= 0, tree.children_visits[b, node], -1)
+                node = int(kids[int(np.argmax(counts))])
+
+    def release(self) -> None:
+        """Drop this search's own references (tree nodes keep theirs)."""
+        for cid in self._owned:
+            if cid in self.store:
+                self.store.release(cid)
+        self._owned.clear()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _put(self, state: ModelState, parent: str | None, **meta: Any) -> str:
+        model = self.model
+        model.load_state(state)  # to read the node's frame index and observation
+        snap = WorldStateSnapshot(
+            tensors=state.tensors, meta=state.meta, backend=model.name,
+            backend_config=model.config(), frame_index=model.frame_count - 1,
+            prompt=model.prompt, seed=model.seed, session_id=self.session_id, parent_id=parent,
+        )  # fmt: skip
+        cid = self.store.put(snap)
+        self._owned.append(cid)
+        self._actions[cid] = np.asarray(self.candidates(model.observe()), dtype=np.float32)
+        self.tree.add_node(cid, self.session_id, snap.frame_index,
+                           parent_id=parent if parent in self.tree else None, **meta)
+        return cid
+
+
+def _is_2d(embeddings: Any) -> bool:
+    return hasattr(embeddings, "__len__") and len(embeddings) and hasattr(embeddings[0], "__len__")
