@@ -13,9 +13,11 @@ curves, a picture of the search tree per episode, hparams), and ``trees/episode_
     python -m experiments.plan                                  # MCTS in mini-dreamzero
     python -m experiments.plan planner=cem backend=pusht_sim experiment=full
     python -m experiments.plan -m planner=mcts,cem,random hydra/launcher=joblib
+
+(No ``from __future__ import annotations`` here: joblib workers rebuild the structured
+config from the dataclasses' real annotations.)
 """
 
-from __future__ import annotations
 
 import json
 import statistics

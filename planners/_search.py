@@ -1,18 +1,19 @@
 """The batched MCTS engine behind the policies: numpy only, vectorised over the batch.
 
-One simulation = select (descend from every root at once; below the root only the rows
-still descending are processed) -> expand (one batched ``recurrent_fn`` call) -> backup
-(along the path recorded during selection, with flat indices) -> rescore.
+One simulation = select (descend from every root at once) -> expand (one batched
+``recurrent_fn`` call) -> backup (along the path recorded during selection, with flat
+indices) -> rescore (the nodes on the path).
 
-Why it is fast in numpy (see /work/shared/MCTX_NOTES.md):
+Why it is fast in numpy (see /work/shared/MCTX_NOTES.md for the general recipe):
 - A node's selection score depends only on its own statistics, which change only when a
-  simulation passes through it. So scores are stored per node and recomputed once per
-  simulation for the nodes on the path, in one vectorised pass; selection is then a row
-  gather + argmax per level.
-- Per-edge data lives in one node-major block ``[nodes, A, fields]`` so a rescore needs
-  one gather, transposed to actions-first ``[fields, A, M]`` where numpy reduces fast.
-- Paths are padded with a dummy node whose edges have reward 0 and discount 1, so the
-  backup runs on the whole ``[depth, B]`` path array without compressing it.
+  simulation passes through it. So after each simulation the nodes on its path are
+  rescored in one vectorised pass and each stores the action it would pick next and the
+  child that leads to; selection is then a pointer chase, one gather per level.
+- Per-edge data lives in one node-major block ``[nodes, A, fields]``: a rescore is one
+  gather, transposed to actions-first ``[fields, A, M]`` where numpy reduces fast.
+- Rows whose descent ended ride on a dummy node (its children are itself, its edges have
+  reward 0 and discount 1) instead of being compressed out, so selection and backup run
+  on whole ``[depth, B]`` arrays with a handful of numpy calls per level.
 """
 
 from __future__ import annotations
@@ -275,12 +276,10 @@ class Engine:
         self.dead_end = np.zeros(bn + 1, bool)  # [nodes]
         self.loaded: np.ndarray | None = None  # flat indices of nodes taken from root_tree
 
-        proto = root_embedding if root_embedding is not None else None
-        if root_tree is not None:
-            proto = root_tree.embeddings
+        # [B, ...] example of the embeddings: numeric ones are stored in one array.
+        proto = root_embedding if root_tree is None else root_tree.embeddings[:, 0]
         if isinstance(proto, np.ndarray) and proto.dtype != object:
-            tail = proto.shape[2:] if proto is not root_embedding else proto.shape[1:]
-            self.emb = np.zeros((bn + 1,) + tail, proto.dtype)
+            self.emb = np.zeros((bn + 1,) + proto.shape[1:], proto.dtype)
         else:
             self.emb = np.empty(bn + 1, object)
 

@@ -16,7 +16,6 @@ import numpy as np
 T = TypeVar("T")
 
 _F32 = np.float32
-_TINY = np.finfo(np.float32).tiny
 
 
 @dataclass(frozen=True)

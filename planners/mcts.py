@@ -23,7 +23,6 @@ from planners._search import (
     MuZeroScorer,
     as_embeddings,
     as_mask,
-    as_matrix,
     as_vector,
     considered_visit_table,
     mask_invalid,
@@ -121,12 +120,17 @@ def muzero_policy(
       root: the model's output at the root. May be None only with ``root_tree``, whose
         stored root prior is then used.
       recurrent_fn: ``(params, rng, action [B], embedding) -> (RecurrentFnOutput,
-        new_embedding)``, called once per simulation for the whole batch.
+        new_embedding)``, called once per simulation for the whole batch. ``embedding``
+        is ``[B, ...]`` if the root's was a numeric array, else a ``[B]`` object array.
+        An interior node whose actions are all invalid is treated as terminal: reaching
+        it re-evaluates it (as at ``max_depth``) instead of taking an action there.
       num_simulations: simulations per row (>= 0).
       invalid_actions: ``[B, A]``, True (or 1) marks an invalid action at the root.
       max_depth: maximum number of edges from the root to an expanded node (>= 1);
         None means unbounded. A simulation reaching it re-evaluates the node there.
-      qtransform: completes and normalises Q-values (see ``planners.qtransforms``).
+      qtransform: completes and normalises Q-values: a function of ``NodeStats``
+        (actions-first ``[A, M]`` arrays) returning ``[A, M]``; see
+        ``planners.qtransforms``. Bind options with ``functools.partial``.
       dirichlet_fraction: weight of the Dirichlet noise mixed into the root prior.
       dirichlet_alpha: concentration of that noise.
       pb_c_init: ``c_1`` of the PUCT formula.
@@ -164,7 +168,8 @@ def muzero_policy(
         max_depth=max_depth,
         root_tree=root_tree,
     )
-    engine.simulate(params, rng, recurrent_fn, MuZeroScorer(qtransform, pb_c_init, pb_c_base, rng))
+    scorer = MuZeroScorer(qtransform, pb_c_init, pb_c_base, rng)
+    engine.simulate(params, rng, recurrent_fn, scorer)
     tree = engine.to_tree(extra_data=None)
     action_weights = tree.summary().visit_probs
     action = _sample_categorical(rng, np.log(np.maximum(action_weights, TINY)), temperature)

@@ -410,7 +410,8 @@ def test_subtree_reuse_keeps_the_chosen_childs_statistics(kind):
     assert (t2.children_visits[:, 0] >= sub.children_visits[:, 0]).all()
     check_tree_invariants(t2)
     # root=None reuses the stored root prior and embedding.
-    third = POLICIES[kind](None, np.random.default_rng(1), None, mdp.recurrent_fn, 20, root_tree=sub)
+    rng = np.random.default_rng(1)
+    third = POLICIES[kind](None, rng, None, mdp.recurrent_fn, 20, root_tree=sub)
     np.testing.assert_array_equal(third.search_tree.node_visits[:, 0], t2.node_visits[:, 0])
 
 
