@@ -274,6 +274,7 @@ class Engine:
         # Interior nodes whose actions are all invalid (terminal states): a simulation that
         # reaches one re-evaluates it instead of taking an invalid action there.
         self.dead_end = np.zeros(bn + 1, bool)  # [nodes]
+        self.has_dead_ends = False
         self.loaded: np.ndarray | None = None  # flat indices of nodes taken from root_tree
 
         # [B, ...] example of the embeddings: numeric ones are stored in one array.
@@ -321,6 +322,7 @@ class Engine:
         dead = tree.node_invalid_actions[:, :m].all(axis=-1)  # [B, m]
         dead[:, 0] = False  # the root is never skipped (mctx: argmax falls back to action 0)
         self.dead_end[: self.bn].reshape(b, n)[:, :m] = dead
+        self.has_dead_ends = bool(dead.any())
 
     def _init_roots(
         self,
@@ -401,12 +403,12 @@ class Engine:
                 path_node[depth] = cur = child
                 depth += 1
             # The last real edge of each row: a new child, or an existing one at max_depth.
-            path_len = (path_node[:depth] != dummy).sum(axis=0)  # [B]
+            path_len = np.add.reduce(path_node[:depth] != dummy, axis=0)  # [B]
             last_node = path_node_flat.take((path_len - 1) * b + rows_all)
             last_act = best_act.take(last_node)
             last_child = best_child.take(last_node)
-            dead = dead_end.take(last_node)
-            if dead.any():  # step back to the dead end's parent and re-evaluate it
+            dead = dead_end.take(last_node) if self.has_dead_ends else None
+            if dead is not None and dead.any():  # step back to its parent, re-evaluate it
                 rows = dead.nonzero()[0]
                 level = path_len[rows] - 1  # >= 1: the root is never a dead end
                 path_node[level, rows] = dummy
@@ -427,7 +429,9 @@ class Engine:
                 invalid = as_mask(invalid, (b, a), "recurrent_fn output invalid_actions")
                 logits = mask_invalid(logits, invalid)
                 blk_leaf[:, :, _MASK] = np.where(invalid, _NEG_INF, _ZERO)
-                dead_end[leaf] = invalid.all(axis=1)
+                dead = invalid.all(axis=1)
+                dead_end[leaf] = dead
+                self.has_dead_ends |= bool(dead.any())
             else:
                 blk_leaf[:, :, _MASK] = 0.0
                 dead_end[leaf] = False

@@ -168,8 +168,8 @@ class NodeStats:
 
 def softmax_axis0(x: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 of ``[A, M]`` (max-shifted, like ``jax.nn.softmax``)."""
-    e = np.exp(x - x.max(axis=0))
-    return e / e.sum(axis=0)
+    e = np.exp(x - np.maximum.reduce(x, axis=0))
+    return e / np.add.reduce(e, axis=0)
 
 
 def _node_indices(tree: Tree, indices: int | np.ndarray) -> np.ndarray:

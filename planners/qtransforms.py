@@ -54,8 +54,8 @@ def qtransform_by_parent_and_siblings(stats: NodeStats, *, epsilon: float = 1e-8
     visited, q, v = stats.visited, stats.qvalues, stats.node_value
     # Unvisited Q-values are left out of the min/max by standing in the node's own value.
     safe = np.where(visited, q, v)
-    lo = np.minimum(v, safe.min(axis=0))
-    hi = np.maximum(v, safe.max(axis=0))
+    lo = np.minimum(v, np.minimum.reduce(safe, axis=0))
+    hi = np.maximum(v, np.maximum.reduce(safe, axis=0))
     completed = np.where(visited, q, lo)
     return (completed - lo) / np.maximum(hi - lo, np.float32(epsilon))
 
@@ -83,18 +83,18 @@ def qtransform_completed_by_mix_value(
         value = stats.raw_value
     completed = np.where(visited, q, value)
     if rescale_values:
-        lo = completed.min(axis=0)
-        hi = completed.max(axis=0)
+        lo = np.minimum.reduce(completed, axis=0)
+        hi = np.maximum.reduce(completed, axis=0)
         completed = (completed - lo) / np.maximum(hi - lo, np.float32(epsilon))
-    visit_scale = maxvisit_init + n.max(axis=0)  # [M]
+    visit_scale = maxvisit_init + np.maximum.reduce(n, axis=0)  # [M]
     return visit_scale * np.float32(value_scale) * completed
 
 
 def _mixed_value(stats: NodeStats) -> np.ndarray:
     """``(raw + n * sum_visited(p q) / sum_visited(p)) / (n + 1)``, with p >= tiny. [M]"""
     visited, q = stats.visited, stats.qvalues
-    sum_visits = stats.visit_counts.sum(axis=0)  # [M]
+    sum_visits = np.add.reduce(stats.visit_counts, axis=0)  # [M]
     probs = np.maximum(stats.prior_probs, _TINY) * visited  # [A, M], 0 where unvisited
-    sum_probs = probs.sum(axis=0)  # [M], >= tiny whenever any child was visited
-    weighted_q = (probs * q / np.maximum(sum_probs, _TINY)).sum(axis=0)  # [M]
+    sum_probs = np.add.reduce(probs, axis=0)  # [M], >= tiny whenever any child was visited
+    weighted_q = np.add.reduce(probs * q / np.maximum(sum_probs, _TINY), axis=0)  # [M]
     return (stats.raw_value + sum_visits * weighted_q) / (sum_visits + 1)

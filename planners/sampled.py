@@ -7,6 +7,17 @@ The search runs MuZero's PUCT over those K arms with the prior corrected as in t
 distribution of the samples. When the candidates are drawn from the policy itself
 (``beta = pi``, the default) the prior is just ``beta_hat``: uniform over distinct
 candidates, a candidate drawn twice counting twice (its copy is masked out).
+
+Candidates come from whatever the model's functions put in their outputs, e.g. a world
+model's proposals, or a Gaussian policy head via :func:`gaussian_candidates`::
+
+    def recurrent_fn(params, rng, action, emb):          # action: [B, D]
+        emb, reward, value, mean, std = model.step(params, emb, action)
+        cands, logp = gaussian_candidates(rng, mean, std, num_samples=8, low=-1, high=1)
+        return SampledRecurrentFnOutput(reward, discount, value, cands), emb
+
+    out = sampled_muzero_policy(params, rng, root, recurrent_fn, num_simulations=64)
+    out.action                                           # [B, D], one of the candidates
 """
 
 from __future__ import annotations

@@ -360,6 +360,13 @@ def test_opaque_handles_as_embeddings():
                 path.append(int(tree.action_from_parent[row, i]))
                 i = tree.parents[row, i]
             assert tree.embeddings[row, node] == tuple(reversed(path))
+    # Re-rooting keeps the handles; the next search starts from the stored one.
+    sub = get_subtree(tree, np.array([0, 2]))
+    assert sub.embeddings[0, 0] == (0,) and sub.embeddings[1, 0] == (2,)
+    rng = np.random.default_rng(1)
+    again = gumbel_muzero_policy(None, rng, None, recurrent_fn, 5, root_tree=sub)
+    assert again.search_tree.embeddings[0, 0] == (0,)
+    assert all(len(h) >= 2 for h in again.search_tree.embeddings[0, 1:] if h is not None)
 
 
 def test_qtransforms_accept_mctx_calling_convention():
