@@ -33,7 +33,10 @@ def test_gymnasium_and_sb3_checkers_pass(env_id, pixels):
 
 def test_registration_forms_and_spec():
     env = gym.make("arcfab_gym:ArcFabric-v0")
-    assert env.spec.max_episode_steps == pusht.MAX_EPISODE_STEPS
+    # mini-dreamzero's frame is 4 control steps: the same 30 s as gym-pusht's 300 steps.
+    assert env.spec.max_episode_steps == pusht.MAX_EPISODE_STEPS // 4
+    assert env.spec.kwargs["backend"] == "mini-dreamzero"
+    assert gym.spec("ArcFabric-PushTSim-v0").max_episode_steps == pusht.MAX_EPISODE_STEPS
     assert isinstance(env.unwrapped.fabric, Session)
     assert env.unwrapped.prompts == pusht.PROMPTS
     assert env.action_space == gym.spaces.Box(-1, 1, (2,), np.float32)
@@ -176,18 +179,23 @@ def test_fabric_is_reachable_and_records_the_tree(tmp_path):
 
 
 def test_render_returns_the_frame():
-    env = gym.make("ArcFabric-v0", render_mode="rgb_array")
+    env = gym.make("ArcFabric-PushTSim-v0", render_mode="rgb_array")
     env.reset(seed=0)
     frame = env.render()
     assert frame.dtype == np.uint8 and frame.shape == (96, 96, 3)
     assert (frame == 255).mean() > 0.3  # a mostly white workspace with the T on it
+    env.close()
+    env = gym.make("ArcFabric-v0", render_mode="rgb_array")  # the model's decoded frame
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.shape == (64, 64, 3)
     with pytest.raises(ValueError, match="render_mode"):
         arcfab_gym.ArcFabricEnv(render_mode="ansi")
     env.close()
 
 
 def test_discrete_relative_moves_wrapper():
-    env = DiscreteRelativeMoves(gym.make("ArcFabric-v0"), step_px=30.0)
+    env = DiscreteRelativeMoves(gym.make("ArcFabric-PushTSim-v0"), step_px=30.0)
     assert env.action_space == gym.spaces.Discrete(9)
     obs, _ = env.reset(seed=3)
     start = obs["agent_pos"].copy()
