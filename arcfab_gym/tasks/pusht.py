@@ -79,6 +79,25 @@ def sample_initial_state(rng: np.random.Generator) -> np.ndarray:
     )
 
 
+#: The T's centre of gravity in body coordinates (gym-pusht's ``add_tee``).
+T_CENTRE_OF_GRAVITY = np.array([0.0, 45.0])
+
+
+def state_for_pose(agent_xy: np.ndarray, block_pose: np.ndarray) -> np.ndarray:
+    """The ``initial_state`` vector that puts the T exactly at ``block_pose``.
+
+    gym-pusht's ``reset_to_state`` sets the T's position at angle 0, then turns it about
+    its centre of gravity, which moves the origin: this inverts that, so that starting
+    from a recorded pose (for example a state of an expert trajectory) lands on it.
+    """
+    x, y, theta = (float(v) for v in block_pose[:3])
+    c, s = math.cos(theta), math.sin(theta)
+    cx, cy = T_CENTRE_OF_GRAVITY
+    px = x - cx + (c * cx - s * cy)
+    py = y - cy + (s * cx + c * cy)
+    return np.array([agent_xy[0], agent_xy[1], px, py, theta], dtype=np.float64)
+
+
 # --- geometry --------------------------------------------------------------------------
 _SCALE, _LENGTH = 30.0, 4.0
 #: The T's two rectangles in body coordinates (gym-pusht's ``add_tee``), [2, 4, 2].
