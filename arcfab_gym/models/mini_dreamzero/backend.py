@@ -162,7 +162,7 @@ class MiniDreamZero(WorldModel):
         w.clip_feas = self.net.encode_image(latent)
         self._encode_prompt(w, prompt)
         self._w = w
-        self._write([w], latent, agent[None], agent[None], real=True)
+        self._write([w], latent, agent[None], real=True)
         return self.observe(), self._frame_record_info()
 
     def step(self, action) -> StepOutput:
@@ -251,8 +251,7 @@ class MiniDreamZero(WorldModel):
     def _step_worlds(self, worlds: list[_World], actions: np.ndarray) -> None:
         with torch.no_grad():
             latents, agents = self._generate(worlds, torch.tensor(actions, dtype=torch.float32))
-            prev = np.stack([w.info[w.n - 1, 0:2] for w in worlds])
-            self._write(worlds, latents, agents, prev, real=False)
+            self._write(worlds, latents, agents, real=False)
 
     def _generate(self, worlds: list[_World], actions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Denoise each world's next frame (caches frozen): latents ``[B, C, S, S]`` and the
@@ -286,7 +285,7 @@ class MiniDreamZero(WorldModel):
         return x, agent_px
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, agents: np.ndarray,
-               agents_prev: np.ndarray, *, real: bool) -> None:
+               *, real: bool) -> None:
         """Write each world's new frame ``latents[b]`` into both of its caches, run the
         heads, and append the frame (new tensors and lists only; nothing is edited)."""
         net, c = self.net, self.net.cfg
@@ -349,11 +348,10 @@ class MiniDreamZero(WorldModel):
         """Drop the current frame's block, latent and record; write ``latent`` instead."""
         w = self._w
         w.n -= 1
-        prev = w.info[w.n - 1, 0:2].copy() if w.n else agent
         w.blocks = w.blocks[:-1]
         tail = w.chunks[-1][:-1]
         w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
-        self._write([w], latent[None], agent[None], prev[None], real=real)
+        self._write([w], latent[None], agent[None], real=real)
 
     # --- state -------------------------------------------------------------------------------
     def _state_of(self, w: _World) -> ModelState:
@@ -466,13 +464,7 @@ class MiniDreamZero(WorldModel):
 
     def observe(self) -> dict[str, np.ndarray]:
         self._require_started()
-        w = self._w
-        row = w.info[w.n - 1]
-        return {
-            "agent_pos": row[0:2].astype(np.float32),
-            "block_pose": row[2:5].astype(np.float32),
-            "goal_pose": pusht.goal_pose(w.prompt).astype(np.float32),
-        }
+        return self._observe(self._w)
 
     def latent(self, frame_index: int) -> torch.Tensor:
         """The latent of frame ``frame_index``, [C, S, S]."""
