@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.objectives import shaped_objective
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models.base import WorldModel
 from arcfab_gym.tasks import pusht
@@ -59,7 +60,8 @@ class MPCConfig:
                                                              num_elites=6, iterations=3))
     """CEM / MPPI settings."""
     objective: str = "reward"
-    """reward (the model's reward head) or goal (distance to a goal state's embedding)."""
+    """reward (the model's reward head), shaped (reward + distances read from the
+    observation), or goal (distance to a goal state's embedding, via set_goal)."""
     record_tree: bool = True
     """Record every expanded node in the trajectory tree."""
 
@@ -77,7 +79,12 @@ class MPCAgent:
         if cfg.planner in ("cem", "mppi"):
             ccfg = CEMConfig(**{**cfg.cem.__dict__, "mppi": cfg.planner == "mppi"})
             self.cem = CEMPlanner([-1.0, -1.0], [1.0, 1.0], ccfg)
-        self.objective = reward_objective
+        if cfg.objective == "reward":
+            self.objective = reward_objective
+        elif cfg.objective == "shaped":
+            self.objective = shaped_objective
+        elif cfg.objective != "goal":  # "goal" is set by set_goal()
+            raise ValueError(f"unknown objective {cfg.objective!r}: reward, shaped or goal")
         self.stats: dict[str, Any] = {}
 
     def set_goal(self, goal_state) -> None:

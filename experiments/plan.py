@@ -95,6 +95,8 @@ class PlanConfig:
     """Control steps per real action (must match the model's frames)."""
     tree_pages: bool = True
     """Write a D3 page of each episode's search tree."""
+    objective: str = "reward"
+    """Planning objective: reward (the model's reward head) or shaped (+ distances)."""
 
 
 cs = ConfigStore.instance()
@@ -124,7 +126,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     tree = TrajectoryTree(store=store)
     agent = MPCAgent(model, MPCConfig(
         planner=p.planner, num_simulations=p.num_simulations, max_depth=p.max_depth,
-        discount=p.discount, step_px=p.step_px,
+        discount=p.discount, step_px=p.step_px, objective=cfg.objective,
         cem=CEMConfig(horizon=p.horizon, num_samples=p.num_samples,
                       num_elites=p.num_elites, iterations=p.iterations),
     ), rng, tree=tree)  # fmt: skip
