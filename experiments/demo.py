@@ -39,8 +39,8 @@ from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
 class DemoConfig:
     """Arguments of the demo episode."""
 
-    backend: str = "pusht-sim"
-    """Registered world-model backend the episode runs in."""
+    backend: str = "mini-dreamzero"
+    """Registered world-model backend the episode runs in (pusht-sim: the simulator)."""
     prompt: str = "push the T onto the target"
     """Prompt of the main line."""
     fork_prompt: str = "push the T to the left"
