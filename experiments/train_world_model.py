@@ -66,6 +66,8 @@ class TrainConfig:
     """A few steps of tiny models on a slice of the data (tests, CI)."""
     action_repeat: int = 4
     """Control steps per frame in the data (experiments.collect's action_repeat)."""
+    init_from: str | None = None
+    """Continue training the dynamics from the weights in this folder (same VAE)."""
 
 
 ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
@@ -150,7 +152,12 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     train = encode_episodes(vae, load_npz(cfg.train_data, cfg.tiny))
     test = encode_episodes(vae, load_npz(cfg.test_data, cfg.tiny))
     dcfg = DynamicsConfig(d_model=32, n_heads=2, n_layers=2) if cfg.tiny else DynamicsConfig()
+    if cfg.init_from is not None:
+        init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        dcfg = DynamicsConfig(**init_meta["dynamics"])
     net = WorldTransformer(dcfg)
+    if cfg.init_from is not None:
+        net.load_state_dict(load_file(str(Path(cfg.init_from) / "dynamics.safetensors")))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-4)
     sampler = ClipSampler(train, cfg.clip_frames, np.random.default_rng(cfg.seed))
     test_sampler = ClipSampler(test, cfg.clip_frames, np.random.default_rng(cfg.seed + 1))

@@ -124,7 +124,11 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
     # Noisy blocks 1..T-1 (flow matching: x_t = t x1 + (1 - t) eps, velocity x1 - eps).
     x1 = z[:, 1:]
     eps = torch.randn_like(x1)
-    t = torch.sigmoid(torch.randn(B, n) * 1.2 + 0.3)
+    # Noise levels: half logit-normal (most learning happens at middle t), half uniform,
+    # so that t near 0 -- where sampling starts and the context must carry the frame --
+    # is trained too.
+    t = torch.where(torch.rand(B, n) < 0.5, torch.sigmoid(torch.randn(B, n) * 1.2 + 0.3),
+                    torch.rand(B, n))
     xt = t[..., None, None, None] * x1 + (1 - t[..., None, None, None]) * eps
     noisy = net.frame_tokens(xt.flatten(0, 1), ys_rep, t.flatten()).view(B, n, tf, d)
     state = state_features(batch["agent"][:, :n], batch["agent_prev"][:, :n])
