@@ -131,7 +131,7 @@ class MPCAgent:
         root_id = root_out.embedding[0]
         index = int(out.action[0])
         if self.cfg.record_tree:
-            search.record(out.search_tree, out.action)
+            search.record(out.search_tree)
         q = out.search_tree.summary().qvalues[0]
         visits = out.search_tree.children_visits[0, 0]
         depth = _max_depth(out.search_tree)

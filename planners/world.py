@@ -178,13 +178,13 @@ class WorldSearch:
         """The continuous action behind discrete action ``index`` at a node."""
         return self._actions[embedding_id][int(index)].copy()
 
-    def record(self, tree: Tree, chosen: np.ndarray) -> None:
+    def record(self, tree: Tree) -> None:
         """Write visits and values of a finished search into the trajectory tree, and mark
         the chosen path (root -> most visited child, repeatedly) as ``chosen``."""
         visits, values = tree.node_visits, tree.node_values
         for b in range(visits.shape[0]):
             for n in range(visits.shape[1]):
-                cid = tree.embeddings[b][n] if _is_2d(tree.embeddings) else None
+                cid = tree.embeddings[b][n]  # [B, N] object array; None where unused
                 if cid is None or cid not in self.tree:
                     continue
                 self.tree.update_node(cid, visits=int(visits[b, n]), value=float(values[b, n]))
@@ -222,6 +222,3 @@ class WorldSearch:
                            parent_id=parent if parent in self.tree else None, **meta)
         return cid
 
-
-def _is_2d(embeddings: Any) -> bool:
-    return hasattr(embeddings, "__len__") and len(embeddings) and hasattr(embeddings[0], "__len__")

@@ -98,6 +98,15 @@ def state_for_pose(agent_xy: np.ndarray, block_pose: np.ndarray) -> np.ndarray:
     return np.array([agent_xy[0], agent_xy[1], px, py, theta], dtype=np.float64)
 
 
+def pose_for_state(state: np.ndarray) -> np.ndarray:
+    """Where ``reset_to_state`` really puts the T: the inverse of :func:`state_for_pose`,
+    ``[x, y, theta]`` of the T's origin."""
+    px, py, theta = (float(v) for v in state[2:5])
+    c, s = math.cos(theta), math.sin(theta)
+    cx, cy = T_CENTRE_OF_GRAVITY
+    return np.array([px + cx - (c * cx - s * cy), py + cy - (s * cx + c * cy), theta])
+
+
 # --- geometry --------------------------------------------------------------------------
 _SCALE, _LENGTH = 30.0, 4.0
 #: The T's two rectangles in body coordinates (gym-pusht's ``add_tee``), [2, 4, 2].

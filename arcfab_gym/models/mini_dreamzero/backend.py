@@ -150,7 +150,7 @@ class MiniDreamZero(WorldModel):
         if self._renderer is None:
             self._renderer = pusht.FrameRenderer(self.frame_size)
         # Render the real first frame the way gym-pusht would show it.
-        block = _legacy_block_pose(initial_state)
+        block = pusht.pose_for_state(initial_state)
         frame = self._renderer.render(initial_state[:2], block, pusht.goal_pose(prompt))
         return self.start_from_frame(frame, initial_state[:2], prompt=prompt, seed=seed)
 
@@ -621,15 +621,3 @@ def _check_agent_pos(agent_pos) -> np.ndarray:
     if agent.shape != (2,) or not np.all(np.isfinite(agent)):
         raise ValueError(f"agent_pos must be 2 finite numbers (px), got {agent_pos!r}")
     return agent
-
-
-def _legacy_block_pose(state: np.ndarray) -> np.ndarray:
-    """Where gym-pusht's ``reset_to_state`` really puts the T (it sets the position, then
-    rotates about the centre of gravity), so the first frame matches pusht-sim's."""
-    from arcfab_gym.tasks.pusht import PushTEnv
-
-    env = PushTEnv(obs_type="state")
-    env._setup()
-    env.block.position = list(state[2:4])
-    env.block.angle = state[4]
-    return np.array([*env.block.position, env.block.angle], dtype=np.float64)
