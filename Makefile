@@ -1,10 +1,11 @@
-# Two commands matter (see README): `make demo` and `make test`. Both set up .venv first.
+# Two commands matter (see README): `make plan` (the main job) and `make test`. Each sets
+# up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.arcfab-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup plan demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+plan: setup
+	$(BIN)/python -m experiments.plan
 
 demo: setup
 	$(BIN)/python -m experiments.demo

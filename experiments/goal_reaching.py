@@ -1,11 +1,14 @@
 """Goal-reaching on Push-T, stable-worldmodel's protocol with our own expert trajectories.
 
-Each episode starts at a state of an expert trajectory (the scripted pusher, seeded) and
-must reach the state ``goal_offset`` steps later within ``budget`` steps; success means
-the pusher and the T are each within 20 px of their goal positions and the T's angle
-within pi/9. The planner optimises the distance to the goal in the model's own embedding
-space (``GoalObjective``: the latent for mini-dreamzero, the physical state for
-pusht-sim). One step here is 4 control steps (0.4 s), like the model's frames.
+Each episode starts at a state of an expert trajectory (the scripted pusher, seeded, one
+decision per control step) and must reach the expert's state ``goal_offset`` control
+steps later within ``budget`` control steps; success means the pusher and the T are each
+within 20 px of their goal positions and the T's angle within pi/9. As in
+stable-worldmodel, offset and budget count environment (control) steps; the planner acts
+every ``action_repeat`` of them (the model's frame), and success is checked after each
+action (so a pass in the middle of an action is missed). The planner optimises the
+distance to the goal in the model's own embedding space (``GoalObjective``: the latent
+for mini-dreamzero, the physical state for pusht-sim).
 
     python -m experiments.goal_reaching backend=pusht_sim planner=cem episodes=50
     python -m experiments.goal_reaching backend=mini_dreamzero planner=cem episodes=50
@@ -28,13 +31,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from agents.mpc import MPCAgent, MPCConfig
+from agents.mpc import MPCAgent
 from arcfab_gym.models import create_world_model
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
 from experiments.collect import CollectConfig, collect_episode
 from experiments.plan import BackendConfig, PlannerConfig, sync
-from planners.cem import CEMConfig
 
 POSITION_TOLERANCE_PX = 20.0
 ANGLE_TOLERANCE = math.pi / 9
@@ -47,9 +49,11 @@ class GoalReachingConfig:
     episodes: int = 10
     """Start/goal pairs (seeded)."""
     goal_offset: int = 25
-    """Goal = the expert's state this many steps after the start."""
+    """Goal = the expert's state this many control steps after the start."""
     budget: int = 50
-    """Steps allowed to reach the goal."""
+    """Control steps allowed to reach the goal (rounded up to whole actions)."""
+    action_repeat: int = 4
+    """Control steps per planned action (the model's frame)."""
     seed: int = 0
     """First seed (expert trajectory seed + episode)."""
 
@@ -57,12 +61,18 @@ class GoalReachingConfig:
 ConfigStore.instance().store(name="goal_reaching_schema", node=GoalReachingConfig)
 
 
-def reached(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray) -> bool:
-    agent_err = float(np.linalg.norm(info["agent_pos"] - goal_agent))
-    block_err = float(np.linalg.norm(info["block_pose"][:2] - goal_block[:2]))
+def goal_errors(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray) -> dict:
+    """Pusher and T position errors (px) and the T's angle error (rad) against the goal."""
     dtheta = (info["block_pose"][2] - goal_block[2] + math.pi) % (2 * math.pi) - math.pi
-    return (agent_err < POSITION_TOLERANCE_PX and block_err < POSITION_TOLERANCE_PX
-            and abs(dtheta) < ANGLE_TOLERANCE)  # fmt: skip
+    return {"agent_err_px": float(np.linalg.norm(info["agent_pos"] - goal_agent)),
+            "block_err_px": float(np.linalg.norm(info["block_pose"][:2] - goal_block[:2])),
+            "angle_err_rad": abs(float(dtheta))}  # fmt: skip
+
+
+def reached(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray) -> bool:
+    err = goal_errors(info, goal_agent, goal_block)
+    return (err["agent_err_px"] < POSITION_TOLERANCE_PX and err["block_err_px"] < POSITION_TOLERANCE_PX
+            and err["angle_err_rad"] < ANGLE_TOLERANCE)  # fmt: skip
 
 
 def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
@@ -70,34 +80,30 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
     model = create_world_model(cfg.backend.name, **cfg.backend.kwargs)
     scratch = model.spawn()
     p = cfg.planner
-    frames = cfg.goal_offset + 12
+    frames = cfg.goal_offset + 40
+    n_actions = -(-cfg.budget // cfg.action_repeat)
     results = []
     t0 = time.perf_counter()
     for k in tqdm(range(cfg.episodes), desc=f"goal reaching, {p.planner} in {model.name}"):
         seed = cfg.seed + k
         expert = collect_episode(CollectConfig(frames=frames, random_policy_fraction=0.0,
-                                               frame_size=64), seed)  # fmt: skip
+                                               frame_size=64, action_repeat=1), seed)  # fmt: skip
         rng = np.random.default_rng(seed)
         s = int(rng.integers(0, frames - cfg.goal_offset))
         g = s + cfg.goal_offset
         prompt = pusht.PROMPTS[int(expert["prompt_id"])]
         start = pusht.state_for_pose(expert["agent_pos"][s], expert["block_pose"][s])
         goal = pusht.state_for_pose(expert["agent_pos"][g], expert["block_pose"][g])
-        real = PushTSim(action_repeat=4, frame_size=64)
+        real = PushTSim(action_repeat=cfg.action_repeat, frame_size=64)
         real.start(prompt, seed, start)
         model.start(prompt, seed, start)
         scratch.start(prompt, seed, goal)
-        agent = MPCAgent(model, MPCConfig(
-            planner=p.planner, num_simulations=p.num_simulations, max_depth=p.max_depth,
-            discount=p.discount, step_px=p.step_px, record_tree=False,
-            cem=CEMConfig(horizon=p.horizon, num_samples=p.num_samples,
-                          num_elites=p.num_elites, iterations=p.iterations),
-        ), rng)  # fmt: skip
+        agent = MPCAgent(model, p.mpc(objective="goal", record_tree=False), rng)
         agent.set_goal(scratch.extract_state())
         success, times = False, []
         goal_agent = expert["agent_pos"][g].astype(np.float64)
         goal_block = expert["block_pose"][g].astype(np.float64)
-        for step in range(cfg.budget):
+        for step in range(n_actions):
             action = agent.act()
             times.append(agent.stats["planning_seconds"])
             out = real.step(action)
@@ -105,17 +111,22 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
                 success = True
                 break
             sync(model, real, action)
+        start_err = goal_errors({"agent_pos": expert["agent_pos"][s],
+                                 "block_pose": expert["block_pose"][s]}, goal_agent, goal_block)
         results.append({"episode": k, "seed": seed, "start": s, "success": success,
-                        "steps": step + 1, "seconds_per_action": statistics.mean(times)})
+                        "start_errors": start_err,
+                        "final_errors": goal_errors(out.info, goal_agent, goal_block),
+                        "control_steps": (step + 1) * cfg.action_repeat,
+                        "seconds_per_action": statistics.mean(times)})
         real.close()
     summary = {
         "planner": p.planner, "backend": model.name, "episodes": len(results),
         "success_rate": statistics.mean(r["success"] for r in results),
         "seconds_per_action": statistics.mean(r["seconds_per_action"] for r in results),
-        "goal_offset": cfg.goal_offset, "budget": cfg.budget,
+        "goal_offset": cfg.goal_offset, "budget": cfg.budget, "action_repeat": cfg.action_repeat,
         "wall_seconds": time.perf_counter() - t0,
         "protocol": "stable-worldmodel Push-T goal reaching; start/goal pairs from this "
-                    "project's scripted-pusher trajectories; 1 step = 4 control steps",
+                    "project's scripted-pusher trajectories; offset and budget in control steps",
     }  # fmt: skip
     doc = {"summary": summary, "episodes": results}
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))

@@ -73,6 +73,16 @@ class PlannerConfig:
     step_px: float = 40.0
     """MCTS move size (px)."""
 
+    def mpc(self, *, objective: str, record_tree: bool = True) -> MPCConfig:
+        """The MPC agent's configuration for this planner."""
+        return MPCConfig(
+            planner=self.planner, num_simulations=self.num_simulations,
+            max_depth=self.max_depth, discount=self.discount, step_px=self.step_px,
+            objective=objective, record_tree=record_tree,
+            cem=CEMConfig(horizon=self.horizon, num_samples=self.num_samples,
+                          num_elites=self.num_elites, iterations=self.iterations),
+        )  # fmt: skip
+
 
 @dataclass
 class ExperimentConfig:
@@ -124,12 +134,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     p = cfg.planner
     store = StateManager(model)
     tree = TrajectoryTree(store=store)
-    agent = MPCAgent(model, MPCConfig(
-        planner=p.planner, num_simulations=p.num_simulations, max_depth=p.max_depth,
-        discount=p.discount, step_px=p.step_px, objective=cfg.objective,
-        cem=CEMConfig(horizon=p.horizon, num_samples=p.num_samples,
-                      num_elites=p.num_elites, iterations=p.iterations),
-    ), rng, tree=tree)  # fmt: skip
+    agent = MPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree)
     ret, plan_times, stats_log, cov, success = 0.0, [], [], 0.0, False
     for t in range(cfg.experiment.max_steps):
         action = agent.act()

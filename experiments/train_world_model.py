@@ -11,12 +11,14 @@ the package's shipped weights folder is left alone: pass ``out_dir=`` to write t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import hydra
 import numpy as np
@@ -38,8 +40,8 @@ class TrainConfig:
 
     stage: str = "all"
     """vae, dynamics, or all."""
-    train_data: str = "data/pusht_train.npz"
-    """Episodes from experiments.collect."""
+    train_data: Any = "data/pusht_train.npz"
+    """Episodes from experiments.collect: one .npz, or a list of them (concatenated)."""
     test_data: str = "data/pusht_test.npz"
     """Held-out episodes (for the logged metrics)."""
     out_dir: str = "runs/weights"
@@ -68,6 +70,8 @@ class TrainConfig:
     """Control steps per frame in the data (experiments.collect's action_repeat)."""
     init_from: str | None = None
     """Continue training the dynamics from the weights in this folder (same VAE)."""
+    residual: bool = True
+    """Flow target: the change from the previous latent (True) or the next latent itself."""
 
 
 ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
@@ -83,9 +87,16 @@ def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
     return max((time.perf_counter() - t0) / (cfg.minutes * 60), step / cfg.max_steps)
 
 
-def load_npz(path: str, tiny: bool) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
+def load_npz(paths: str | Sequence[str], tiny: bool) -> dict[str, np.ndarray]:
+    """Episodes from one .npz file, or from several concatenated along the episode axis."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    parts = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as f:
+            parts.append({k: f[k] for k in f.files})
+        if set(parts[-1]) != set(parts[0]):
+            raise ValueError(f"{path} holds {sorted(parts[-1])}, {paths[0]} {sorted(parts[0])}")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
     if tiny:
         data = {k: v[:8] for k, v in data.items()}
     return data
@@ -155,6 +166,10 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     if cfg.init_from is not None:
         init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
         dcfg = DynamicsConfig(**init_meta["dynamics"])
+    if cfg.residual != dcfg.residual:
+        z = train["z"]
+        delta_scale = float((z[:, 1:] - z[:, :-1]).std()) if cfg.residual else 1.0
+        dcfg = dataclasses.replace(dcfg, residual=cfg.residual, delta_scale=delta_scale)
     net = WorldTransformer(dcfg)
     if cfg.init_from is not None:
         net.load_state_dict(load_file(str(Path(cfg.init_from) / "dynamics.safetensors")))

@@ -23,7 +23,8 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
     try:
         torch.manual_seed(seed)
         vae = FrameVAE(VAEConfig(width=16))
-        net = WorldTransformer(DynamicsConfig(d_model=32, n_heads=2, n_layers=2))
+        net = WorldTransformer(DynamicsConfig(d_model=32, n_heads=2, n_layers=2, residual=True,
+                                              delta_scale=0.5))
         # The velocity head starts at zero (good for training, useless here: every frame
         # would be pure noise whatever the cache, prompt or action). Make it random too.
         torch.nn.init.normal_(net.velocity.weight, std=0.3)

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.mpc import relative_moves
 from experiments.plan import run
+from experiments.summarize import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,21 @@ def test_plan_app_runs_in_a_subprocess_and_as_a_joblib_multirun(tmp_path):
     planners = sorted(json.loads(p.read_text())["summary"]["planner"]
                       for p in sweep.rglob("results.json"))
     assert planners == ["cem", "random"]
+
+    # The sweep and the single run gather into one table, a row per run.
+    table = summarize([str(sweep), str(out / "results.json")]).splitlines()
+    assert table[0].startswith("| planner | budget | objective | model |")
+    rows = sorted(line.split(" | ")[0].strip("| ") for line in table[2:])
+    assert rows == ["cem", "random", "random"]
+    assert all("pusht-sim" in line and "/1)" in line for line in table[2:])
+
+
+def test_summarize_names_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        summarize([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no results.json"):
+        summarize([str(tmp_path / "empty")])
+    (tmp_path / "results.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not a results file"):
+        summarize([str(tmp_path)])

@@ -44,7 +44,12 @@ from arcfab_gym.models.mini_dreamzero.network import (
     patchify,
     unpatchify,
 )
-from arcfab_gym.models.mini_dreamzero.training import normalise_pos, state_features
+from arcfab_gym.models.mini_dreamzero.training import (
+    flow_target,
+    latent_from_flow,
+    normalise_pos,
+    state_features,
+)
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig, frames_to_tensor
 from arcfab_gym.tasks import pusht
 
@@ -278,11 +283,12 @@ class MiniDreamZero(WorldModel):
         shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
         t0 = self.warm_start
+        prev = torch.stack([w.chunks[-1][-1] for w in worlds])
         if t0 > 0:
-            # SDEdit-style: start the flow at t0 from the previous frame, noised, rather than
-            # from pure noise -- consecutive frames differ little.
-            prev = torch.stack([w.chunks[-1][-1] for w in worlds])
-            x = t0 * prev + (1 - t0) * x
+            # SDEdit-style: start the flow at t0 from "no change" -- the previous frame
+            # (or, for a residual flow, a zero change), noised -- rather than from pure
+            # noise: consecutive frames differ little.
+            x = t0 * flow_target(c, prev, prev) + (1 - t0) * x
         n = self.num_denoise_steps
         agent = None
         for i in range(n):
@@ -294,7 +300,7 @@ class MiniDreamZero(WorldModel):
             x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) * ((1 - t0) / n)
             agent = net.next_agent(hidden[0::2, tf + 1])
         agent_px = (agent.numpy().astype(np.float64) + 1.0) * (pusht.WORLD_SIZE / 2)
-        return x, agent_px
+        return latent_from_flow(c, x, prev), agent_px
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, agents: np.ndarray,
                *, real: bool) -> None:

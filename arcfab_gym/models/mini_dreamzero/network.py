@@ -52,6 +52,11 @@ class DynamicsConfig:
     n_image_tokens: int = 4  # clip_feas: 2x2 pooled patches of the first frame
     n_mixture: int = 4  # components of the action-proposal mixture
     rope_base: float = 1000.0
+    # The flow's target: the next latent itself (False), or its change from the previous
+    # latent divided by ``delta_scale`` (True) -- static scene parts then sit at zero and
+    # sampling noise cannot blur them.
+    residual: bool = False
+    delta_scale: float = 1.0
     prompts: tuple[str, ...] = pusht.PROMPTS
     vocab: tuple[str, ...] = field(default_factory=tuple)
 

@@ -103,6 +103,16 @@ def training_mask(n_blocks: int, tf: int) -> torch.Tensor:
     return mask
 
 
+def flow_target(cfg, z_next: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+    """What the flow generates for ``z_next``: the latent itself, or (``cfg.residual``) the
+    scaled change from ``z_prev``. ``latent_from_flow`` inverts it."""
+    return (z_next - z_prev) / cfg.delta_scale if cfg.residual else z_next
+
+
+def latent_from_flow(cfg, x: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+    return z_prev + cfg.delta_scale * x if cfg.residual else x
+
+
 def state_features(agent: torch.Tensor, agent_prev: torch.Tensor) -> torch.Tensor:
     """The state token's input: the pusher now and one frame before, [..., 4]."""
     return torch.cat([agent, agent_prev], dim=-1)
@@ -122,7 +132,7 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
     zc = z[:, :n] + sigma * torch.randn_like(z[:, :n])
     clean = net.frame_tokens(zc.flatten(0, 1), ys_rep, torch.ones(B * n)).view(B, n * tf, d)
     # Noisy blocks 1..T-1 (flow matching: x_t = t x1 + (1 - t) eps, velocity x1 - eps).
-    x1 = z[:, 1:]
+    x1 = flow_target(cfg, z[:, 1:], z[:, :n])
     eps = torch.randn_like(x1)
     # Noise levels: half logit-normal (most learning happens at middle t), half uniform,
     # so that t near 0 -- where sampling starts and the context must carry the frame --

@@ -1,0 +1,96 @@
+"""Gather ``results.json`` files of planning runs into one markdown table.
+
+    python -m experiments.summarize runs/plan-sweep/20261122-*/ runs/plan/*_random_*
+    python -m experiments.summarize runs/goal_reaching/*
+
+Arguments are run directories or ``results.json`` files (shell globs welcome; directories
+are searched recursively). Runs of ``experiments.plan`` and of
+``experiments.goal_reaching`` go to separate tables. Means carry their standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(p.rglob("results.json")))
+        else:
+            raise FileNotFoundError(f"no such run directory or results file: {p}")
+    return found
+
+
+def mean_se(values: list[float]) -> str:
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+
+
+def _rate(flags: list[bool]) -> str:
+    return f"{100 * sum(flags) / len(flags):.0f} % ({sum(flags)}/{len(flags)})"
+
+
+def plan_row(doc: dict[str, Any]) -> list[str]:
+    s, c, eps = doc["summary"], doc.get("config", {}), doc["episodes"]
+    planner = c.get("planner", {})
+    detail = (f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
+              if s["planner"] in ("mcts", "gumbel") else
+              f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
+              if s["planner"] in ("cem", "mppi") else "")  # fmt: skip
+    return [s["planner"], detail, c.get("objective", "reward"), s["backend"], str(len(eps)),
+            str(c.get("experiment", {}).get("max_steps", "")),
+            _rate([e["success"] for e in eps]), mean_se([e["final_coverage"] for e in eps]),
+            f"{s['seconds_per_action']:.3f}"]  # fmt: skip
+
+
+def goal_row(doc: dict[str, Any]) -> list[str]:
+    s, eps = doc["summary"], doc["episodes"]
+    return [s["planner"], s["backend"], str(len(eps)), _rate([e["success"] for e in eps]),
+            f"{s['goal_offset']} / {s['budget']}", f"{s['seconds_per_action']:.3f}"]
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summarize(paths: list[str]) -> str:
+    plans, goals = [], []
+    for path in find_results(paths):
+        doc = json.loads(path.read_text())
+        if "summary" not in doc or "episodes" not in doc:
+            raise ValueError(f"{path} is not a results file of experiments.plan / goal_reaching")
+        (goals if "goal_offset" in doc["summary"] else plans).append(doc)
+    out = []
+    if plans:
+        out.append(table(["planner", "budget", "objective", "model", "episodes", "actions",
+                          "success", "final coverage", "s / action"],
+                         [plan_row(d) for d in plans]))  # fmt: skip
+    if goals:
+        out.append(table(["planner", "model", "episodes", "success", "offset / budget (steps)",
+                          "s / action"], [goal_row(d) for d in goals]))  # fmt: skip
+    if not out:
+        raise ValueError(f"no results.json under {paths}")
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run directories or results.json files")
+    print(summarize(parser.parse_args(argv).paths))
+
+
+if __name__ == "__main__":
+    main()
