@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import numpy as np
@@ -71,12 +71,13 @@ class EvalConfig:
     """Prediction horizons k (frames after the last context frame) to score."""
     starts_per_episode: int = 4
     """Rollout start points per episode, evenly spread over the episode."""
-    cfg_scale: float = 1.5
-    """Classifier-free guidance scale of the model."""
-    num_denoise_steps: int = 2
-    """Flow-matching Euler steps per generated frame."""
-    warm_start: float = 0.8
-    """Start the flow at this t from the noised previous frame (0: from pure noise)."""
+    cfg_scale: Optional[float] = None
+    """Classifier-free guidance scale of the model (None: what the weights recommend)."""
+    num_denoise_steps: Optional[int] = None
+    """Flow-matching Euler steps per generated frame (None: the weights' recommendation)."""
+    warm_start: Optional[float] = None
+    """Start the flow at this t from "no change", noised (0: from pure noise; None: the
+    weights' recommendation)."""
     seed: int = 0
     """Base seed of the model's sampling noise (rollout i uses seed + i)."""
     threads: int = 2
@@ -338,6 +339,7 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
         "weights_id": weights.meta.get("weights_id", ""),
         "test_data": str(cfg.test_data),
         "config": asdict(cfg),
+        "sampling": {k: getattr(model, k) for k in ("cfg_scale", "num_denoise_steps", "warm_start")},
         "n_episodes": E,
         "frames_per_episode": int(T),
         "start_points": starts,

@@ -59,6 +59,8 @@ LATENT_CHUNK = 4
 #: Columns of the per-frame record: agent x, y; block x, y, angle; coverage; success
 #: probability; 1 if the frame came from the real world (encoded) rather than generated.
 FRAME_INFO_COLUMNS = 8
+#: Sampling settings for weights whose config.json recommends none.
+SAMPLING_DEFAULTS = {"cfg_scale": 1.5, "num_denoise_steps": 2, "warm_start": 0.0}
 STATE_VERSION = 2
 
 
@@ -105,10 +107,12 @@ class MiniDreamZero(WorldModel):
             both caches are kept either way).
         num_denoise_steps: Euler steps of flow matching per frame.
         local_attn_size: frames the self-attention cache keeps (default: the trained one).
-        warm_start: start each frame's flow at this ``t`` from the previous frame's latent,
-            noised (SDEdit-style), instead of from pure noise at ``t = 0``. Measured on
-            held-out episodes, 0.8 halves the block-position error at one step ahead (the
-            shipped model predicts poorly from pure noise); 0 is plain flow matching.
+        warm_start: start each frame's flow at this ``t`` from "no change" (the previous
+            latent, or a zero change for a residual flow), noised, SDEdit-style, instead of
+            from pure noise at ``t = 0`` (plain flow matching).
+
+    Sampling arguments left at None take the values the weights recommend (``sampling``
+    in their ``config.json``, chosen on held-out episodes), else ``SAMPLING_DEFAULTS``.
     """
 
     name = "mini-dreamzero"
@@ -118,16 +122,21 @@ class MiniDreamZero(WorldModel):
         self,
         *,
         weights_dir: str | Path | None = None,
-        cfg_scale: float = 1.5,
-        num_denoise_steps: int = 2,
+        cfg_scale: float | None = None,
+        num_denoise_steps: int | None = None,
         local_attn_size: int | None = None,
-        warm_start: float = 0.8,
+        warm_start: float | None = None,
         _weights: Weights | None = None,
     ):
         self.weights = _weights if _weights is not None else Weights.load(weights_dir)
         self.weights_dir = None if weights_dir is None else str(weights_dir)
         self.net, self.vae = self.weights.net, self.weights.vae
         c = self.net.cfg
+        recommended = {**SAMPLING_DEFAULTS, **self.weights.meta.get("sampling", {})}
+        cfg_scale = recommended["cfg_scale"] if cfg_scale is None else cfg_scale
+        if num_denoise_steps is None:
+            num_denoise_steps = recommended["num_denoise_steps"]
+        warm_start = recommended["warm_start"] if warm_start is None else warm_start
         self.cfg_scale = float(cfg_scale)
         if int(num_denoise_steps) < 1:
             raise ValueError(f"num_denoise_steps must be >= 1, got {num_denoise_steps}")
