@@ -128,7 +128,8 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
         "protocol": "stable-worldmodel Push-T goal reaching; start/goal pairs from this "
                     "project's scripted-pusher trajectories; offset and budget in control steps",
     }  # fmt: skip
-    doc = {"summary": summary, "episodes": results}
+    doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+           "episodes": results}
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
     return doc
 

@@ -41,13 +41,20 @@ def _rate(flags: list[bool]) -> str:
     return f"{100 * sum(flags) / len(flags):.0f} % ({sum(flags)}/{len(flags)})"
 
 
+def _budget(planner_name: str, planner: dict[str, Any]) -> str:
+    """The search budget of a run's planner config, e.g. '32 sims, depth 4' or '16x4x1'."""
+    if not planner:
+        return ""
+    if planner_name in ("mcts", "gumbel"):
+        return f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
+    if planner_name in ("cem", "mppi"):
+        return f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
+    return ""
+
+
 def plan_row(doc: dict[str, Any]) -> list[str]:
     s, c, eps = doc["summary"], doc.get("config", {}), doc["episodes"]
-    planner = c.get("planner", {})
-    detail = (f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
-              if s["planner"] in ("mcts", "gumbel") else
-              f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
-              if s["planner"] in ("cem", "mppi") else "")  # fmt: skip
+    detail = _budget(s["planner"], c.get("planner", {}))
     return [s["planner"], detail, c.get("objective", "reward"), s["backend"], str(len(eps)),
             str(c.get("experiment", {}).get("max_steps", "")),
             _rate([e["success"] for e in eps]), mean_se([e["final_coverage"] for e in eps]),
@@ -56,7 +63,7 @@ def plan_row(doc: dict[str, Any]) -> list[str]:
 
 def goal_row(doc: dict[str, Any]) -> list[str]:
     s, eps = doc["summary"], doc["episodes"]
-    return [s["planner"], s["backend"], str(len(eps)), _rate([e["success"] for e in eps]),
+    return [s["planner"], _budget(s["planner"], doc.get("config", {}).get("planner", {})), s["backend"], str(len(eps)), _rate([e["success"] for e in eps]),
             f"{s['goal_offset']} / {s['budget']}", f"{s['seconds_per_action']:.3f}"]
 
 
@@ -79,7 +86,7 @@ def summarize(paths: list[str]) -> str:
                           "success", "final coverage", "s / action"],
                          [plan_row(d) for d in plans]))  # fmt: skip
     if goals:
-        out.append(table(["planner", "model", "episodes", "success", "offset / budget (steps)",
+        out.append(table(["planner", "budget", "model", "episodes", "success", "offset / budget (steps)",
                           "s / action"], [goal_row(d) for d in goals]))  # fmt: skip
     if not out:
         raise ValueError(f"no results.json under {paths}")
