@@ -38,6 +38,7 @@ from agents.mpc import MPCAgent, MPCConfig
 from arcfab_gym.fabric.store import StateManager
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models import create_world_model
+from arcfab_gym.models.base import StepOutput
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
 from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
@@ -113,14 +114,18 @@ cs = ConfigStore.instance()
 cs.store(name="plan_schema", node=PlanConfig)
 
 
-def sync(model, real: PushTSim, action: np.ndarray) -> None:
-    """Bring the planning model back in step with the real world after ``action``."""
+def sync(model, real: PushTSim, action: np.ndarray) -> StepOutput:
+    """Bring the planning model back in step with the real world after ``action``.
+
+    Returns what the model *predicted* for ``action`` from the state it was in (its
+    reward, observation), for the predicted-vs-real audit."""
+    predicted = model.step(action)
     if isinstance(model, PushTSim):
         model.load_state(real.extract_state())  # the simulator is exact: copy the state
-        return
-    model.step(action)  # predict, then replace the prediction by what really happened
-    model.resync(frame=real.decode_frame(real.frame_count - 1),
-                 agent_pos=real.observe()["agent_pos"].astype(np.float64))
+    else:  # replace the prediction by what really happened
+        model.resync(frame=real.decode_frame(real.frame_count - 1),
+                     agent_pos=real.observe()["agent_pos"].astype(np.float64))
+    return predicted
 
 
 def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out_dir: Path,
@@ -136,6 +141,8 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     tree = TrajectoryTree(store=store)
     agent = MPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree)
     ret, plan_times, stats_log, cov, success = 0.0, [], [], 0.0, False
+    rewards: list[float] = []  # real, per step
+    predicted: list[float] = []  # the model's, for the same executed actions
     for t in range(cfg.experiment.max_steps):
         action = agent.act()
         plan_times.append(agent.stats.get("planning_seconds", 0.0))
@@ -143,7 +150,8 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         out = real.step(action)
         ret += out.reward
         cov, success = out.info["coverage"], out.info["is_success"]
-        sync(model, real, action)
+        rewards.append(float(out.reward))
+        predicted.append(float(sync(model, real, action).reward))
         bar.update(1)
         bar.set_postfix(ep=episode, cov=f"{cov:.2f}")
         if out.terminated:
@@ -154,6 +162,10 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         "seconds_per_action": statistics.mean(plan_times),
         "model_steps_per_action": statistics.mean(s.get("model_steps", 0) for s in stats_log),
         "tree_nodes": len(tree), "store_bytes": store.memory_bytes,
+        # The exploitation audit: what the model promised for the executed actions (one
+        # step ahead, from the re-synced state) vs what the real world paid.
+        "predicted_return": float(sum(predicted)), "return_gap": float(sum(predicted) - ret),
+        "rewards": rewards, "predicted_rewards": predicted,
     }  # fmt: skip
     for key in ("root_visits", "depth", "q_spread"):
         vals = [s[key] for s in stats_log if key in s]
@@ -191,6 +203,7 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
         "mean_final_coverage": statistics.mean(r["final_coverage"] for r in results),
         "mean_return": statistics.mean(r["return"] for r in results),
         "seconds_per_action": statistics.mean(r["seconds_per_action"] for r in results),
+        "mean_return_gap": statistics.mean(r["return_gap"] for r in results),
         "wall_seconds": time.perf_counter() - t0,
     }  # fmt: skip
     hparams = {"planner": cfg.planner.planner, "backend": cfg.backend.name,

@@ -86,3 +86,33 @@ def test_summarize_names_what_it_cannot_read(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="not a results file"):
         summarize([str(tmp_path)])
+
+
+def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tmp_path,
+                                                                                tiny_weights_dir):
+    from experiments.audit import audit, format_audit, load_run
+
+    common = ("experiment.episodes=1", "experiment.max_steps=4", "planner=random", "tree_pages=false")
+    exact = run(compose_plan("backend=pusht_sim", *common), tmp_path / "sim")
+    ep = exact["episodes"][0]
+    # pusht-sim as the model is an exact copy of the real world: same rewards, bit for bit.
+    assert ep["predicted_rewards"] == ep["rewards"] and ep["return_gap"] == 0.0
+    report = audit(load_run(tmp_path / "sim"), margin=0.0)
+    assert report["flagged"] == 0 and report["mean_gap"] == 0.0
+
+    # Untrained tiny weights: a model known to be wrong about the reward.
+    wrong = run(compose_plan("backend=mini_dreamzero", f"+backend.kwargs.weights_dir={tiny_weights_dir}",
+                             *common), tmp_path / "tiny")  # fmt: skip
+    ep = wrong["episodes"][0]
+    assert ep["predicted_rewards"] != ep["rewards"]
+    gap = sum(ep["predicted_rewards"]) - sum(ep["rewards"])
+    assert abs(ep["return_gap"] - gap) < 1e-9 and gap != 0.0
+    report = audit(load_run(tmp_path / "tiny"), margin=abs(gap) / 2)
+    assert report["flagged"] == int(gap > 0)
+    text = format_audit(report)
+    assert "mini-dreamzero" in text and f"{gap:+.3f}" in text
+
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_run(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="margins must be"):
+        audit(load_run(tmp_path / "sim"), margin=-1.0)

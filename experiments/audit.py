@@ -1,0 +1,83 @@
+"""Model-exploitation audit of a planning run: what the model promised vs what was paid.
+
+``experiments.plan`` records, for every executed action, the reward the planning model
+predicted for it (one step ahead, from the state re-synced to the real world) next to the
+reward the real Push-T gave. A planner that exploits its model's errors picks actions the
+model over-rates, so its predicted return exceeds the real one. This prints, per episode,
+the predicted and real return, the gap, the share of steps over-rated by more than
+``--step-margin``, and flags episodes whose gap exceeds ``--margin``.
+
+    python -m experiments.audit runs/plan/<run>            # or its results.json
+    python -m experiments.audit docs/results/mcts_model.json --margin 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json at {path}")
+    doc = json.loads(path.read_text())
+    episodes = doc.get("episodes")
+    if not episodes or "predicted_rewards" not in episodes[0]:
+        raise ValueError(f"{path} has no predicted rewards: a run of experiments.plan "
+                         "from before the audit, or not a planning run")
+    return doc
+
+
+def audit(doc: dict[str, Any], *, margin: float = 1.0, step_margin: float = 0.05) -> dict[str, Any]:
+    """Per-episode predicted vs real return; ``flagged`` = episodes with gap > margin."""
+    if margin < 0 or step_margin < 0:
+        raise ValueError(f"margins must be >= 0, got margin={margin}, step_margin={step_margin}")
+    rows = []
+    for ep in doc["episodes"]:
+        real, pred = ep["rewards"], ep["predicted_rewards"]
+        over = sum(p - r > step_margin for p, r in zip(pred, real))
+        gap = sum(pred) - sum(real)
+        rows.append({"episode": ep["episode"], "seed": ep["seed"], "real_return": sum(real),
+                     "predicted_return": sum(pred), "gap": gap,
+                     "over_rated_steps": over / max(1, len(real)), "flagged": gap > margin})
+    n = len(rows)
+    return {
+        "backend": doc["summary"]["backend"], "planner": doc["summary"]["planner"],
+        "episodes": rows, "margin": margin, "step_margin": step_margin,
+        "mean_gap": sum(r["gap"] for r in rows) / n,
+        "flagged": sum(r["flagged"] for r in rows),
+    }  # fmt: skip
+
+
+def format_audit(report: dict[str, Any]) -> str:
+    lines = [f"audit: {report['planner']} in {report['backend']}, {len(report['episodes'])} "
+             f"episodes; flag = predicted - real return > {report['margin']}",
+             "| episode | seed | real return | predicted return | gap | steps over-rated | flag |",
+             "|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in report["episodes"]:
+        lines.append(f"| {r['episode']} | {r['seed']} | {r['real_return']:.3f} | "
+                     f"{r['predicted_return']:.3f} | {r['gap']:+.3f} | "
+                     f"{100 * r['over_rated_steps']:.0f} % | {'FLAG' if r['flagged'] else ''} |")
+    lines.append(f"mean gap {report['mean_gap']:+.3f}; flagged {report['flagged']} of "
+                 f"{len(report['episodes'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory of experiments.plan or its results.json")
+    parser.add_argument("--margin", type=float, default=1.0,
+                        help="flag episodes whose predicted return exceeds the real by more")
+    parser.add_argument("--step-margin", type=float, default=0.05,
+                        help="a step is over-rated when its predicted reward exceeds the real by more")
+    args = parser.parse_args(argv)
+    print(format_audit(audit(load_run(args.run), margin=args.margin, step_margin=args.step_margin)))
+
+
+if __name__ == "__main__":
+    main()
