@@ -4,7 +4,8 @@
     python -m experiments.summarize runs/goal_reaching/*
 
 Arguments are run directories or ``results.json`` files (shell globs welcome; directories
-are searched recursively). Runs of ``experiments.plan`` and of
+are searched recursively for ``results.json``, or else give their ``*.json`` files, such
+as ``docs/results``). Runs of ``experiments.plan`` and of
 ``experiments.goal_reaching`` go to separate tables. Means carry their standard error.
 """
 
@@ -23,8 +24,8 @@ def find_results(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
-        elif p.is_dir():
-            found.extend(sorted(p.rglob("results.json")))
+        elif p.is_dir():  # run directories, or a folder of collected result files
+            found.extend(sorted(p.rglob("results.json")) or sorted(p.glob("*.json")))
         else:
             raise FileNotFoundError(f"no such run directory or results file: {p}")
     return found
