@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.scripted import block_centre
 from arcfab_gym.models.base import ModelState, StepOutput, WorldModel
+from arcfab_gym.tasks import pusht
 
 
 def shaped_objective(model: WorldModel, out: StepOutput, state: ModelState) -> float:
@@ -22,8 +22,8 @@ def shaped_objective(model: WorldModel, out: StepOutput, state: ModelState) -> f
     obs = out.observation
     block, goal = obs["block_pose"].astype(np.float64), obs["goal_pose"].astype(np.float64)
     dist = np.linalg.norm(block[:2] - goal[:2]) / 256.0
-    dtheta = abs((block[2] - goal[2] + np.pi) % (2 * np.pi) - np.pi) / np.pi
-    reach = np.linalg.norm(obs["agent_pos"] - block_centre(block)) / 256.0
+    dtheta = pusht.wrap_angle(block[2] - goal[2]) / np.pi
+    reach = np.linalg.norm(obs["agent_pos"] - pusht.block_centre(block)) / 256.0
     return float(out.reward - dist - 0.5 * dtheta - 0.25 * reach)
 
 

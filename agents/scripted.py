@@ -17,11 +17,6 @@ from arcfab_gym.tasks import pusht
 _STANDOFF = 75.0
 
 
-def block_centre(block_pose: np.ndarray) -> np.ndarray:
-    """Centre of the T's 8 corner keypoints, ``[2]``."""
-    return pusht.keypoints(np.asarray(block_pose, dtype=np.float64)).mean(axis=0)
-
-
 class ScriptedPusher:
     """Reactive pusher over ``ArcFabric-v0`` observations.
 
@@ -43,7 +38,7 @@ class ScriptedPusher:
     def __call__(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Action in ``[-1, 1]^2`` for observation ``obs`` (float32 ``[2]``)."""
         agent = np.asarray(obs["agent_pos"], dtype=np.float64)
-        centre = block_centre(obs["block_pose"])
+        centre = pusht.block_centre(obs["block_pose"])
         goal = np.asarray(obs["goal_pose"], dtype=np.float64)
         if self._waypoint is None and self.rng.random() < self.waypoint_prob:
             self._waypoint = self.rng.uniform(40, 472, size=2)

@@ -32,7 +32,6 @@ Outputs in ``out_dir`` (default: the Hydra run directory): ``metrics.json``,
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,6 +52,7 @@ from tqdm import tqdm
 from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero, Weights
 from arcfab_gym.models.mini_dreamzero.vae import frames_to_tensor, psnr
 from arcfab_gym.tasks import pusht
+from arcfab_gym.tasks.pusht import wrap_angle
 
 
 @dataclass
@@ -109,11 +109,6 @@ SOURCES = ("model", "copy_last")
 
 
 # --- small metrics -----------------------------------------------------------------------------
-def wrap_angle(a: np.ndarray) -> np.ndarray:
-    """Absolute angle difference wrapped to [0, pi]."""
-    return np.abs((np.asarray(a, dtype=np.float64) + math.pi) % (2 * math.pi) - math.pi)
-
-
 def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """ROC AUC by ranks (Mann-Whitney U, ties get average ranks); None with one class."""
     scores = np.asarray(scores, dtype=np.float64).ravel()

@@ -164,6 +164,16 @@ def keypoints(block_pose: np.ndarray) -> np.ndarray:
     return T_VERTICES.reshape(8, 2) @ rot.T + np.array([x, y])
 
 
+def block_centre(block_pose: np.ndarray) -> np.ndarray:
+    """The T's centre (mean of its 8 corner keypoints), ``[2]``."""
+    return keypoints(np.asarray(block_pose, dtype=np.float64)).mean(axis=0)
+
+
+def wrap_angle(a: np.ndarray) -> np.ndarray:
+    """Absolute angle difference wrapped to [0, pi]."""
+    return np.abs((np.asarray(a, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi)
+
+
 # --- drawing ---------------------------------------------------------------------------
 class FrameRenderer:
     """Draws a Push-T frame from poses with gym-pusht's own renderer.

@@ -40,6 +40,7 @@ import torch
 from arcfab_gym.models.base import ModelState
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
+from arcfab_gym.tasks.pusht import block_centre  # the point the zone rule watches
 
 #: Name and version written into every result file of the benchmark.
 SUITE_NAME = "pusht-failure-recovery"
@@ -78,11 +79,6 @@ class Rect:
 
     def as_list(self) -> list[float]:
         return [self.x0, self.y0, self.x1, self.y1]
-
-
-def block_centre(block_pose: Sequence[float]) -> np.ndarray:
-    """The T's centre (mean of its 8 corners), ``[2]`` -- what the zone rule watches."""
-    return pusht.keypoints(np.asarray(block_pose, dtype=np.float64)).mean(axis=0)
 
 
 def edge_distance(block_pose: Sequence[float]) -> float:
