@@ -63,10 +63,9 @@ ConfigStore.instance().store(name="goal_reaching_schema", node=GoalReachingConfi
 
 def goal_errors(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray) -> dict:
     """Pusher and T position errors (px) and the T's angle error (rad) against the goal."""
-    dtheta = (info["block_pose"][2] - goal_block[2] + math.pi) % (2 * math.pi) - math.pi
     return {"agent_err_px": float(np.linalg.norm(info["agent_pos"] - goal_agent)),
             "block_err_px": float(np.linalg.norm(info["block_pose"][:2] - goal_block[:2])),
-            "angle_err_rad": abs(float(dtheta))}  # fmt: skip
+            "angle_err_rad": float(pusht.wrap_angle(info["block_pose"][2] - goal_block[2]))}  # fmt: skip
 
 
 def reached(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray) -> bool:
@@ -76,6 +75,9 @@ def reached(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray
 
 
 def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
+    for name in ("episodes", "goal_offset", "budget", "action_repeat"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = create_world_model(cfg.backend.name, **cfg.backend.kwargs)
     scratch = model.spawn()

@@ -140,7 +140,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     store = StateManager(model)
     tree = TrajectoryTree(store=store)
     agent = MPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree)
-    ret, plan_times, stats_log, cov, success = 0.0, [], [], 0.0, False
+    plan_times, stats_log, cov, success = [], [], 0.0, False
     rewards: list[float] = []  # real, per step
     predicted: list[float] = []  # the model's, for the same executed actions
     for t in range(cfg.experiment.max_steps):
@@ -148,7 +148,6 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         plan_times.append(agent.stats.get("planning_seconds", 0.0))
         stats_log.append(dict(agent.stats))
         out = real.step(action)
-        ret += out.reward
         cov, success = out.info["coverage"], out.info["is_success"]
         rewards.append(float(out.reward))
         predicted.append(float(sync(model, real, action).reward))
@@ -156,6 +155,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         bar.set_postfix(ep=episode, cov=f"{cov:.2f}")
         if out.terminated:
             break
+    ret = sum(rewards)
     result = {
         "episode": episode, "seed": seed, "return": ret, "final_coverage": cov,
         "success": bool(success), "steps": t + 1,
@@ -187,6 +187,9 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
 
 
 def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
+    for name in ("episodes", "max_steps"):
+        if getattr(cfg.experiment, name) < 1:
+            raise ValueError(f"experiment.{name} must be >= 1, got {getattr(cfg.experiment, name)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out_dir / "tb"))
     model = create_world_model(cfg.backend.name, **cfg.backend.kwargs)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -46,3 +47,9 @@ def test_goal_reaching_runs_the_protocol_and_records_errors(tmp_path):
         # The goal is the expert's state 25 control steps later: the pusher moved.
         assert ep["start_errors"]["agent_err_px"] > 1.0
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == s
+
+    for bad in ("budget=0", "episodes=0", "action_repeat=0"):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+            cfg = OmegaConf.to_object(compose(config_name="goal_reaching", overrides=[bad]))
+        with pytest.raises(ValueError, match=bad.split("=")[0] + " must be >= 1"):
+            run(cfg, tmp_path / "bad")

@@ -43,6 +43,12 @@ def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+def test_too_small_an_experiment_is_a_clear_error(tmp_path):
+    for bad in ("experiment.max_steps=0", "experiment.episodes=0"):
+        with pytest.raises(ValueError, match=bad.split("=")[0] + " must be >= 1"):
+            run(compose_plan("backend=pusht_sim", bad), tmp_path)
+
+
 def test_relative_moves_are_valid_actions_around_the_pusher():
     cands = relative_moves(40.0)({"agent_pos": np.array([10.0, 500.0], np.float32)})
     assert cands.shape == (17, 2) and cands.dtype == np.float32
