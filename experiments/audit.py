@@ -8,6 +8,7 @@ the predicted and real return, the gap, the share of steps over-rated by more th
 ``--step-margin``, and flags episodes whose gap exceeds ``--margin``.
 
     python -m experiments.audit runs/plan/<run>            # or its results.json
+    python -m experiments.audit runs/train_sb3/<run>       # a trained policy's audit.json
     python -m experiments.audit docs/results/mcts_model.json --margin 0.5
 """
 
@@ -20,16 +21,19 @@ from typing import Any
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
+    """A run's audit document: a planning run's ``results.json``, or the ``audit.json``
+    of ``experiments.train_sb3`` (a directory holding either, or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json"
+        path = next((path / name for name in ("audit.json", "results.json")
+                     if (path / name).is_file()), path / "results.json")
     if not path.is_file():
-        raise FileNotFoundError(f"no results.json at {path}")
+        raise FileNotFoundError(f"no results.json or audit.json at {path}")
     doc = json.loads(path.read_text())
     episodes = doc.get("episodes")
     if not episodes or "predicted_rewards" not in episodes[0]:
         raise ValueError(f"{path} has no predicted rewards: a run of experiments.plan "
-                         "from before the audit, or not a planning run")
+                         "from before the audit, or not a planning or train_sb3 run")
     return doc
 
 

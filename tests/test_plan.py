@@ -118,7 +118,7 @@ def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tm
     text = format_audit(report)
     assert "mini-dreamzero" in text and f"{gap:+.3f}" in text
 
-    with pytest.raises(FileNotFoundError, match="no results.json"):
+    with pytest.raises(FileNotFoundError, match="no results.json or audit.json"):
         load_run(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="margins must be"):
         audit(load_run(tmp_path / "sim"), margin=-1.0)

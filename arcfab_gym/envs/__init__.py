@@ -1,6 +1,6 @@
 """Gymnasium environments over the world-model backends."""
 
 from arcfab_gym.envs.arcfab_env import ArcFabricEnv
-from arcfab_gym.envs.wrappers import DiscreteRelativeMoves
+from arcfab_gym.envs.wrappers import DiscreteRelativeMoves, PushTFeatures, PushTReward
 
-__all__ = ["ArcFabricEnv", "DiscreteRelativeMoves"]
+__all__ = ["ArcFabricEnv", "DiscreteRelativeMoves", "PushTFeatures", "PushTReward"]

@@ -40,3 +40,59 @@ class DiscreteRelativeMoves(gym.ActionWrapper):
         agent = self.env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
         target = np.clip(agent + self.offsets[int(action)], 0.0, pusht.WORLD_SIZE)
         return pusht.target_to_action(target)
+
+
+class PushTFeatures(gym.ObservationWrapper):
+    """A flat, scaled feature vector for MLP policies (stable-baselines3's ``MlpPolicy``).
+
+    ``[agent x, y, T x, y, cos, sin of the T's angle, T - goal x, y, cos, sin of the angle
+    to the goal]``: positions divided by the 512 px workspace, angles as unit vectors so
+    that 0 and 2 pi look alike. Read from the observation any backend returns, so a policy
+    trained inside a learned model runs unchanged in the real Push-T.
+    """
+
+    N_FEATURES = 10
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = spaces.Box(
+            -2.0, 2.0, shape=(self.N_FEATURES,), dtype=np.float32
+        )
+
+    def observation(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        agent = np.asarray(observation["agent_pos"], dtype=np.float64) / pusht.WORLD_SIZE
+        block = np.asarray(observation["block_pose"], dtype=np.float64)
+        goal = np.asarray(observation["goal_pose"], dtype=np.float64)
+        to_goal = (block[:2] - goal[:2]) / pusht.WORLD_SIZE
+        d_angle = block[2] - goal[2]
+        features = np.concatenate([
+            agent, block[:2] / pusht.WORLD_SIZE, [np.cos(block[2]), np.sin(block[2])],
+            to_goal, [np.cos(d_angle), np.sin(d_angle)],
+        ])  # fmt: skip
+        return np.clip(features, -2.0, 2.0).astype(np.float32)
+
+
+class PushTReward(gym.Wrapper):
+    """Choose the reward an agent trains on: ``"coverage"`` (the task's own) or
+    ``"shaped"`` (:func:`arcfab_gym.tasks.pusht.shaped_reward`: coverage plus progress
+    terms). Either way the task's reward stays in ``info["coverage_reward"]``, and
+    ``info["is_success"]`` (stable-baselines3's success key) says whether the episode ended
+    on the goal. Wrap before :class:`PushTFeatures`: it reads the dict observation.
+    """
+
+    KINDS = ("coverage", "shaped")
+
+    def __init__(self, env: gym.Env, kind: str = "shaped"):
+        super().__init__(env)
+        if kind not in self.KINDS:
+            raise ValueError(f"reward kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = dict(info)
+        info["coverage_reward"] = float(reward)
+        info.setdefault("is_success", bool(terminated))
+        if self.kind == "shaped":
+            reward = pusht.shaped_reward(reward, obs)
+        return obs, float(reward), terminated, truncated, info
