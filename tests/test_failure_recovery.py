@@ -205,6 +205,34 @@ def test_detector_compares_with_now_and_its_checks_can_be_switched_off():
                          frames([in_corner - [6, 0, 0]], [0.0])).flagged
 
 
+def test_detector_flags_a_stall_only_when_the_pusher_is_at_a_t_that_does_not_move():
+    det = FailureDetector(DetectorConfig(lookahead=4, check_edge=False))
+    pose = np.array([256.0, 256.0, 0.3])
+    centre = block_centre(pose)
+    now = PredictedFrame(pose, 0.2)
+
+    def future(poses, coverages, pusher):
+        return [PredictedFrame(np.asarray(p, dtype=np.float64), c, np.asarray(pusher, float))
+                for p, c in zip(poses, coverages)]
+
+    jammed = [pose + [0.5 * k, 0.0, 0.01] for k in range(1, 5)]
+    d = det.check(now, future(jammed, [0.2] * 4, centre + [30.0, 0.0]))
+    assert (d.kind, d.step) == ("stalled", 4)
+    # The pusher still travelling towards the T: no stall yet.
+    assert not det.check(now, future(jammed, [0.2] * 4, centre + [150.0, 0.0])).flagged
+    # The T moving, turning, or the coverage rising: progress, not a stall.
+    moving = [pose + [3.0 * k, 0.0, 0.0] for k in range(1, 5)]
+    assert not det.check(now, future(moving, [0.2] * 4, centre)).flagged
+    turning = [pose + [0.0, 0.0, 0.03 * k] for k in range(1, 5)]
+    assert not det.check(now, future(turning, [0.2] * 4, centre)).flagged
+    assert not det.check(now, future(jammed, [0.2, 0.2, 0.2, 0.22], centre)).flagged
+    # A future shorter than the lookahead cannot show a stall; nor can one without a pusher.
+    assert not det.check(now, future(jammed[:3], [0.2] * 3, centre)).flagged
+    assert not det.check(now, frames(jammed, [0.2] * 4)).flagged
+    off = FailureDetector(DetectorConfig(lookahead=4, check_stall=False))
+    assert not off.check(now, future(jammed, [0.2] * 4, centre)).flagged
+
+
 def test_bad_values_raise_errors_that_name_them():
     with pytest.raises(ValueError, match="lookahead must be an int >= 1, got 0"):
         FailureDetector(DetectorConfig(lookahead=0))
@@ -212,6 +240,10 @@ def test_bad_values_raise_errors_that_name_them():
         DetectorConfig(coverage_drop=1.5).validate()
     with pytest.raises(ValueError, match="edge_margin"):
         DetectorConfig(edge_margin=-1.0).validate()
+    with pytest.raises(ValueError, match="stall_angle"):
+        DetectorConfig(stall_angle=4.0).validate()
+    with pytest.raises(ValueError, match="stall_progress"):
+        DetectorConfig(stall_progress=-0.1).validate()
     with pytest.raises(ValueError, match="x0 < x1"):
         Rect(10.0, 10.0, 5.0, 20.0)
     with pytest.raises(ValueError, match="unknown scenario 'nope'.*shove, edge"):

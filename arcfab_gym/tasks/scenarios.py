@@ -40,7 +40,7 @@ import torch
 from arcfab_gym.models.base import ModelState
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
-from arcfab_gym.tasks.pusht import block_centre  # the point the zone rule watches
+from arcfab_gym.tasks.pusht import block_centre, wrap_angle  # block_centre: what the zone rule watches
 
 #: Name and version written into every result file of the benchmark.
 SUITE_NAME = "pusht-failure-recovery"
@@ -510,9 +510,18 @@ class DetectorConfig:
     """Inside the edge band already, flag only a corner predicted this much (px) closer."""
     zone_margin: float = 5.0
     """Grow the forbidden zone by this (px) when checking predictions."""
+    stall_px: float = 4.0
+    """Stalled: over the whole lookahead the T's centre stays within this (px) of now..."""
+    stall_angle: float = 0.05
+    """... and its angle within this (rad) ..."""
+    stall_progress: float = 0.01
+    """... the coverage never rises this much above now ..."""
+    contact_px: float = 80.0
+    """... while the pusher ends within this (px) of the T's centre: pushing, not moving."""
     check_coverage: bool = True
     check_edge: bool = True
     check_zone: bool = True
+    check_stall: bool = True
 
     def validate(self) -> None:
         n = self.lookahead
@@ -521,10 +530,15 @@ class DetectorConfig:
         if not 0.0 < self.coverage_drop <= 1.0:
             raise ValueError(
                 f"detector.coverage_drop must be in (0, 1], got {self.coverage_drop!r}")
-        for name in ("edge_margin", "edge_tolerance", "zone_margin"):
+        for name in ("edge_margin", "edge_tolerance", "zone_margin", "stall_px", "contact_px"):
             value = getattr(self, name)
             if not 0.0 <= value < pusht.WORLD_SIZE / 4:
                 raise ValueError(f"detector.{name} must be in [0, 128) px, got {value!r}")
+        if not 0.0 <= self.stall_angle < np.pi:
+            raise ValueError(f"detector.stall_angle must be in [0, pi) rad, got {self.stall_angle!r}")
+        if not 0.0 <= self.stall_progress <= 1.0:
+            raise ValueError(
+                f"detector.stall_progress must be in [0, 1], got {self.stall_progress!r}")
 
 
 @dataclass(frozen=True)
@@ -533,13 +547,16 @@ class PredictedFrame:
 
     block_pose: np.ndarray
     coverage: float
+    agent_pos: np.ndarray | None = None
+    """The pusher (the stall check needs it; frames without one are never stalled)."""
 
     @classmethod
     def from_step(cls, observation: Mapping[str, np.ndarray],
                   info: Mapping[str, Any]) -> "PredictedFrame":
         """From a backend's step: its observation and the coverage in its info (pusht-sim's
         physics, or a learned model's reward head)."""
-        return cls(np.asarray(observation["block_pose"], dtype=np.float64), float(info["coverage"]))
+        return cls(np.asarray(observation["block_pose"], dtype=np.float64), float(info["coverage"]),
+                   np.asarray(observation["agent_pos"], dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -547,7 +564,7 @@ class Detection:
     """The earliest predicted failure of a future, or none."""
 
     kind: str | None = None
-    """coverage_drop, edge or forbidden_zone."""
+    """coverage_drop, edge, forbidden_zone or stalled."""
     step: int | None = None
     """1-based index of the imagined step where it happens."""
     detail: str = ""
@@ -563,7 +580,9 @@ class FailureDetector:
     The checks are the scenario rules a planner cannot see in its reward: the T's centre
     entering the forbidden zone (grown by ``zone_margin``), a T corner coming within
     ``edge_margin`` of the border, and the coverage falling ``coverage_drop`` below its
-    current value (progress being undone, e.g. by pushing the T the wrong way).
+    current value (progress being undone, e.g. by pushing the T the wrong way), and a
+    stall: over the whole lookahead the pusher stays at the T but neither the T nor the
+    coverage moves (a stuck contact, e.g. the T jammed in a corner).
 
     The checks compare the future with *now*: a T that already lies within the edge band
     (it starts in a corner, say) is flagged only if the future takes it closer to the
@@ -602,7 +621,24 @@ class FailureDetector:
             if cfg.check_coverage and frame.coverage < now.coverage - cfg.coverage_drop:
                 return Detection("coverage_drop", k,
                                  f"coverage {now.coverage:.2f} -> {frame.coverage:.2f}")
+        if cfg.check_stall and self._stalled(now, future):
+            return Detection("stalled", len(future),
+                             f"the T moves < {cfg.stall_px:.0f} px in {len(future)} steps")
         return Detection()
+
+    def _stalled(self, now: PredictedFrame, future: Sequence[PredictedFrame]) -> bool:
+        cfg = self.cfg
+        if len(future) < cfg.lookahead or future[-1].agent_pos is None:
+            return False  # a partial future cannot show a stall
+        centre_now = block_centre(now.block_pose)
+        for frame in future:
+            moved = np.linalg.norm(block_centre(frame.block_pose) - centre_now)
+            turned = wrap_angle(frame.block_pose[2] - now.block_pose[2])
+            if (moved >= cfg.stall_px or turned >= cfg.stall_angle
+                    or frame.coverage >= now.coverage + cfg.stall_progress):
+                return False
+        last = future[-1]
+        return bool(np.linalg.norm(last.agent_pos - block_centre(last.block_pose)) < cfg.contact_px)
 
 
 __all__ = [
