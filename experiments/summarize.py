@@ -6,7 +6,10 @@
 Arguments are run directories or ``results.json`` files (shell globs welcome; directories
 are searched recursively for ``results.json``, or else give their ``*.json`` files, such
 as ``docs/results``). Runs of ``experiments.plan`` and of
-``experiments.goal_reaching`` go to separate tables. Means carry their standard error.
+``experiments.goal_reaching`` and ``experiments.train_sb3`` go to separate tables. Means
+carry their standard error.
+
+    python -m experiments.summarize runs/train_sb3-sweep/*
 """
 
 from __future__ import annotations
@@ -68,6 +71,19 @@ def goal_row(doc: dict[str, Any]) -> list[str]:
             f"{s['goal_offset']} / {s['budget']}", f"{s['seconds_per_action']:.3f}"]
 
 
+def sb3_row(doc: dict[str, Any]) -> list[str]:
+    s, evals = doc["summary"], doc["evaluations"]
+    best = max(evals, key=lambda e: e["final_coverage"]) if evals else {}
+    audit = (f"{s['audit_mean_gap']:+.2f} ({s['audit_flagged']}/{s['audit_episodes']})"
+             if "audit_mean_gap" in s else "")
+    return [s["algo"], s["world"], s["reward"], f"{s['total_timesteps']:,}",
+            f"{s.get('real_final_coverage_before_training', float('nan')):.3f}",
+            f"{s.get('real_final_coverage', float('nan')):.3f}",
+            f"{best.get('final_coverage', float('nan')):.3f} @ {best.get('timesteps', 0):,}",
+            f"{100 * s.get('real_success_rate', 0):.0f} %",
+            audit, f"{s['steps_per_second']:.0f}"]  # fmt: skip
+
+
 def table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -75,11 +91,15 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def summarize(paths: list[str]) -> str:
-    plans, goals = [], []
+    plans, goals, agents = [], [], []
     for path in find_results(paths):
         doc = json.loads(path.read_text())
+        if "summary" in doc and "evaluations" in doc:
+            agents.append(doc)
+            continue
         if "summary" not in doc or "episodes" not in doc:
-            raise ValueError(f"{path} is not a results file of experiments.plan / goal_reaching")
+            raise ValueError(f"{path} is not a results file of experiments.plan / "
+                             "goal_reaching / train_sb3")
         (goals if "goal_offset" in doc["summary"] else plans).append(doc)
     out = []
     if plans:
@@ -89,6 +109,11 @@ def summarize(paths: list[str]) -> str:
     if goals:
         out.append(table(["planner", "budget", "model", "episodes", "success", "offset / budget (steps)",
                           "s / action"], [goal_row(d) for d in goals]))  # fmt: skip
+    if agents:
+        out.append(table(["agent", "trained in", "reward", "steps", "real coverage before",
+                          "real coverage after", "best (at step)", "real success",
+                          "audit gap (flagged)", "steps / s"],
+                         [sb3_row(d) for d in agents]))  # fmt: skip
     if not out:
         raise ValueError(f"no results.json under {paths}")
     return "\n\n".join(out)

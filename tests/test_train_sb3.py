@@ -17,6 +17,7 @@ import arcfab_gym  # noqa: F401
 from arcfab_gym.envs import PushTFeatures, PushTReward
 from arcfab_gym.tasks import pusht
 from experiments.audit import audit, load_run
+from experiments.summarize import summarize
 from experiments.train_sb3 import (
     TrainSB3Config,
     audit_policy,
@@ -116,6 +117,9 @@ def test_ppo_run_evaluates_in_the_real_world_logs_sb3_tags_and_audits(tmp_path):
     np.testing.assert_array_equal(policy.predict(obs, deterministic=True)[0],
                                   audit_doc["episodes"][0]["actions"][0])
     env.close()
+    # The README's table comes from experiments.summarize.
+    row = summarize([str(tmp_path)]).splitlines()[2]
+    assert row.startswith("| ppo | pusht-sim | shaped | 512 |") and "+0.00 (0/2)" in row
 
 
 def test_same_seed_same_training(tmp_path):
