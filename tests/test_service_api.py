@@ -8,13 +8,16 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import warnings
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+with warnings.catch_warnings():  # starlette asks for httpx2; httpx still works
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient  # noqa: E402
 
 from arcfab_gym.fabric.snapshot import WorldStateSnapshot  # noqa: E402
 from arcfab_gym.service import ServiceSettings, create_app  # noqa: E402
@@ -136,8 +139,8 @@ def test_create_step_grows_tree_and_frames_decode(client):
 
 def test_checkpoint_restore_rewind(client):
     info = new_session(client, seed=1)
-    sid = info["session_id"]
-    step(client, sid, ACTIONS[0])
+    sid, root = info["session_id"], info["node_id"]
+    first = step(client, sid, ACTIONS[0])
     r = client.post(f"/api/sessions/{sid}/checkpoint", json={"label": "here"})
     assert r.status_code == 200
     cid = r.json()["checkpoint_id"]
@@ -149,7 +152,13 @@ def test_checkpoint_restore_rewind(client):
 
     info = client.post(f"/api/sessions/{sid}/restore", json={"checkpoint_id": cid}).json()
     assert info["frame_index"] == 1 and info["node_id"] == cid
+    assert info["history_length"] == 1 and info["reward"] == first["reward"]
     assert frame(client, sid) == at_checkpoint
+    # Back on its own history, the session can rewind past the checkpoint to the root.
+    info = client.post(f"/api/sessions/{sid}/rewind", json={"n_steps": 1}).json()
+    assert info["frame_index"] == 0 and info["node_id"] == root and info["reward"] is None
+    info = client.post(f"/api/sessions/{sid}/restore", json={"checkpoint_id": cid}).json()
+    assert info["node_id"] == cid
 
     for a in ACTIONS[1:4]:
         step(client, sid, a)
@@ -564,3 +573,28 @@ def test_mini_dreamzero_session_fork_and_node_frames(client):
         step(client, again, a)
     assert frame(client, again) == frame(client, sid)
     json.dumps(client.get("/api/status").json())
+
+
+def test_concurrent_requests_on_one_tree_stay_consistent(client):
+    """Threads stepping and forking the sessions of one tree: the per-tree lock keeps the
+    tree exactly one node per checkpointed step or fork."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info = new_session(client, seed=8)
+    sid, tid = info["session_id"], info["tree_id"]
+    forks = [client.post(f"/api/sessions/{sid}/fork", json={}).json()["session_id"]
+             for _ in range(3)]  # fmt: skip
+    sessions = [sid, *forks]
+    steps_each = 15
+
+    def drive(s: str) -> list[int]:
+        return [client.post(f"/api/sessions/{s}/step", json={"action": [0.3, -0.2]}).status_code
+                for _ in range(steps_each)]  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = [c for cs in pool.map(drive, sessions) for c in cs]
+    assert codes == [200] * len(codes)
+    # root + 3 fork-origins (a fork of "now" checkpoints now) + 3 forks + every step
+    assert len(d3_nodes(client, tid)) == 1 + 3 + 3 + 4 * steps_each
+    frames = {s: client.get(f"/api/sessions/{s}").json()["frame_index"] for s in sessions}
+    assert set(frames.values()) == {steps_each}

@@ -175,13 +175,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return registry.close_session(session_id)
 
     @app.post("/api/sessions/{session_id}/step", response_model=SessionInfo,
-              responses=error_responses(400, 401, 404, 413, 422, 507), tags=["sessions"])  # fmt: skip
+              responses=error_responses(400, 401, 404, 413, 422, 507),
+              tags=["sessions"])  # fmt: skip
     def step(session_id: SessionId, body: StepRequest) -> dict:
         """Advance one frame; with ``checkpoint`` the new frame becomes a tree node."""
         return registry.step(session_id, body.action, body.checkpoint)
 
     @app.post("/api/sessions/{session_id}/checkpoint", response_model=CheckpointResponse,
-              responses=error_responses(400, 401, 404, 413, 422, 507), tags=["sessions"])  # fmt: skip
+              responses=error_responses(400, 401, 404, 413, 422, 507),
+              tags=["sessions"])  # fmt: skip
     def checkpoint(
         session_id: SessionId, body: Annotated[CheckpointRequest | None, Body()] = None
     ) -> dict:
@@ -261,10 +263,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """The node's world state as a safetensors snapshot (importable with
         ``POST /api/snapshots`` or ``WorldStateSnapshot.from_bytes``)."""
         data = registry.node_snapshot_bytes(tree_id, node_id)
+        filename = f"{tree_id}-{node_id}.safetensors"
         return Response(
             data,
             media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{tree_id}-{node_id}.safetensors"'},
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
     @app.post(

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--backend-default", default=defaults.backend_default,
                        help="backend of sessions that name none (default %(default)s)")  # fmt: skip
+    serve.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default %(default)s: requests on different trees run "
+        "in parallel instead, and multi-threaded ops degrade badly on a busy machine)",
+    )
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
     return parser
@@ -80,7 +87,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(settings: ServiceSettings, log_level: str = "info") -> None:
+def serve(settings: ServiceSettings, log_level: str = "info", torch_threads: int = 1) -> None:
+    import torch
     import uvicorn
 
     from arcfab_gym.models import list_world_models
@@ -97,6 +105,8 @@ def serve(settings: ServiceSettings, log_level: str = "info") -> None:
             f"who can reach it can drive the server (set --token or ${TOKEN_ENV})",
             file=sys.stderr,
         )
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -113,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings_from_args(args)
         except ValueError as exc:
             raise SystemExit(f"arcfab serve: {exc}") from None
-        serve(settings, args.log_level)
+        serve(settings, args.log_level, args.torch_threads)
     return 0
 
 
