@@ -39,6 +39,18 @@ def client():
         yield c
 
 
+@pytest.fixture
+def one_torch_thread():
+    """What ``arcfab serve`` sets: one intra-op thread (multi-threaded steps of the learned
+    model crawl on a busy two-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def new_session(client: TestClient, **body) -> dict:
     r = client.post("/api/sessions", json=body)
     assert r.status_code == 200, r.text
@@ -259,7 +271,7 @@ def upload(client: TestClient, data: bytes):
 
 
 @pytest.mark.parametrize("backend", ["pusht-sim", "mini-dreamzero"])
-def test_snapshot_round_trip_gives_identical_next_frames(client, backend):
+def test_snapshot_round_trip_gives_identical_next_frames(client, backend, one_torch_thread):
     info = new_session(client, backend=backend, seed=5)
     sid = info["session_id"]
     for a in ACTIONS[:3]:
@@ -550,7 +562,7 @@ def test_openapi_documents_errors_and_action_bounds(client):
 
 
 # --- mini-dreamzero ---------------------------------------------------------------------------
-def test_mini_dreamzero_session_fork_and_node_frames(client):
+def test_mini_dreamzero_session_fork_and_node_frames(client, one_torch_thread):
     info = new_session(client, backend="mini-dreamzero", seed=0)
     sid, tid = info["session_id"], info["tree_id"]
     for a in ACTIONS[:3]:
@@ -598,3 +610,54 @@ def test_concurrent_requests_on_one_tree_stay_consistent(client):
     assert len(d3_nodes(client, tid)) == 1 + 3 + 3 + 4 * steps_each
     frames = {s: client.get(f"/api/sessions/{s}").json()["frame_index"] for s in sessions}
     assert set(frames.values()) == {steps_each}
+
+
+# --- command line -----------------------------------------------------------------------------
+def test_serve_flags_map_to_settings(monkeypatch):
+    from arcfab_gym.service.cli import build_parser, settings_from_args
+
+    monkeypatch.setenv("ARCFAB_TOKEN", "from-env")
+    args = build_parser().parse_args(
+        ["serve", "--port", "9001", "--max-sessions", "3", "--store-budget-mb", "2",
+         "--max-body-kb", "32", "--backend-default", "mini-dreamzero"]  # fmt: skip
+    )
+    s = settings_from_args(args)
+    assert (s.host, s.port, s.token, s.max_sessions) == ("127.0.0.1", 9001, "from-env", 3)
+    assert s.store_budget_bytes == 2 * 2**20 and s.max_upload_bytes == 32 * 2**10
+    assert s.max_json_bytes == 32 * 2**10 and s.backend_default == "mini-dreamzero"
+    unlimited = settings_from_args(build_parser().parse_args(["serve", "--store-budget-mb", "0"]))
+    assert unlimited.store_budget_bytes is None
+
+
+def test_python_m_service_starts_a_real_server():
+    """``python -m arcfab_gym.service`` binds loopback and answers /api/health."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arcfab_gym.service", "--port", str(port), "--log-level",
+         "warning", "--token", "t0k"],  # fmt: skip
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/health",
+                              headers={"Authorization": "Bearer t0k"})  # fmt: skip
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "no answer within 60 s"
+                time.sleep(0.2)
+        assert r.json() == {"status": "ok", "version": "0.1.0"}
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
