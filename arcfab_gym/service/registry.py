@@ -48,6 +48,7 @@ from arcfab_gym.service.errors import (
     BudgetExceeded,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
     TooManySessions,
 )
@@ -453,21 +454,21 @@ class Registry:
     def import_snapshot(self, data: bytes) -> dict:
         """A new session (in a new tree) continuing from an uploaded snapshot."""
         if len(data) > self.settings.max_upload_bytes:
-            raise InvalidRequest(  # the middleware normally refuses this first, with 413
-                f"snapshot of {len(data)} bytes exceeds max_upload_bytes "
-                f"{self.settings.max_upload_bytes}"
+            raise PayloadTooLarge(  # the middleware normally refuses this first
+                f"snapshot of {len(data)} bytes exceeds the {self.settings.max_upload_bytes}-"
+                "byte upload limit"
             )
-        snap = parse_snapshot(data)
-        if snap.backend not in self.backend_names():
-            raise InvalidRequest(
-                f"snapshot was taken from backend {snap.backend!r}, which is not registered "
-                f"here (registered: {', '.join(self.backend_names())})"
-            )
-        prototype = self.prototype(snap.backend)
-        snap = validate_snapshot(snap, prototype, self.signature(snap.backend))
-        self._reserve_session_slot()
+        self._reserve_session_slot()  # the cheap refusals first, then the validation
         try:
             self._check_budget("importing a snapshot")
+            snap = parse_snapshot(data)
+            if snap.backend not in self.backend_names():
+                raise InvalidRequest(
+                    f"snapshot was taken from backend {snap.backend!r}, which is not "
+                    f"registered here (registered: {', '.join(self.backend_names())})"
+                )
+            prototype = self.prototype(snap.backend)
+            snap = validate_snapshot(snap, prototype, self.signature(snap.backend))
             tree = self._new_tree(snap.backend)
             with tree.lock:
                 session = Session(
