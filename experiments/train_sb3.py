@@ -50,7 +50,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from tqdm import tqdm
 
 import arcfab_gym  # noqa: F401  (registers ArcFabric-v0)
-from arcfab_gym.envs import PushTFeatures, PushTReward
+from arcfab_gym.envs import PushTFeatures, PushTReward, RelativeTargets
 from arcfab_gym.models import list_world_models
 from experiments.audit import audit as audit_report
 from experiments.audit import format_audit
@@ -65,6 +65,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
             "learning_rate": 3e-4, "buffer_size": 100_000},
 }  # fmt: skip
 VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
+ACTION_MODES = ("relative", "absolute")
 #: Held-out seeds: the world-model data used 0..3999 and the test set 1e6..
 EVAL_SEED = 2_000_000
 AUDIT_SEED = 3_000_000
@@ -80,6 +81,10 @@ class TrainSB3Config:
     """Its constructor arguments, e.g. +world_kwargs.weights_dir=runs/weights."""
     reward: str = "shaped"
     """coverage (the task's own) or shaped (coverage plus progress terms)."""
+    actions: str = "relative"
+    """relative (move the pusher up to max_step_px from where it is) or absolute (the
+    env's own: a target anywhere on the table)."""
+    max_step_px: float = 48.0
     total_timesteps: int = 20_000
     n_envs: int = 4
     vec_env: str = "dummy"
@@ -113,6 +118,10 @@ def check_config(cfg: TrainSB3Config) -> None:
                          f"got {cfg.world!r}")
     if cfg.reward not in PushTReward.KINDS:
         raise ValueError(f"reward must be one of {PushTReward.KINDS}, got {cfg.reward!r}")
+    if cfg.actions not in ACTION_MODES:
+        raise ValueError(f"actions must be one of {ACTION_MODES}, got {cfg.actions!r}")
+    if not cfg.max_step_px > 0:
+        raise ValueError(f"max_step_px must be > 0, got {cfg.max_step_px}")
     if cfg.vec_env not in VEC_ENVS:
         raise ValueError(f"vec_env must be one of {sorted(VEC_ENVS)}, got {cfg.vec_env!r}")
     for name in ("total_timesteps", "n_envs", "max_steps", "action_repeat", "eval_freq",
@@ -132,11 +141,12 @@ def check_config(cfg: TrainSB3Config) -> None:
 
 # --- environments ----------------------------------------------------------------------------
 def make_env(world: str, reward: str, max_steps: int, action_repeat: int = 4, *,
-             world_kwargs: dict[str, Any] | None = None,
+             relative_px: float | None = None, world_kwargs: dict[str, Any] | None = None,
              torch_threads: int | None = None) -> gym.Env:
     """``ArcFabric-v0`` over ``world``, with the chosen reward and the flat features an
-    ``MlpPolicy`` reads. The real Push-T (``pusht-sim``) holds each action for
-    ``action_repeat`` control steps, as mini-dreamzero's frames do."""
+    ``MlpPolicy`` reads; actions relative to the pusher (up to ``relative_px``) or, with
+    ``None``, the env's absolute targets. The real Push-T (``pusht-sim``) holds each
+    action for ``action_repeat`` control steps, as mini-dreamzero's frames do."""
     if torch_threads is not None:  # in a SubprocVecEnv worker
         torch.set_num_threads(torch_threads)
     backend_kwargs = dict(world_kwargs or {})
@@ -144,18 +154,27 @@ def make_env(world: str, reward: str, max_steps: int, action_repeat: int = 4, *,
         backend_kwargs = {"action_repeat": action_repeat, "frame_size": 64, **backend_kwargs}
     env = gym.make("ArcFabric-v0", backend=world, max_episode_steps=max_steps,
                    backend_kwargs=backend_kwargs)
+    if relative_px is not None:
+        env = RelativeTargets(env, max_step_px=relative_px)
     return PushTFeatures(PushTReward(env, reward))
+
+
+def _relative_px(cfg: TrainSB3Config) -> float | None:
+    return cfg.max_step_px if cfg.actions == "relative" else None
 
 
 def world_env(cfg: TrainSB3Config, *, torch_threads: int | None = None) -> gym.Env:
     """One env of the world the agent trains (and imagines) in."""
     return make_env(cfg.world, cfg.reward, cfg.max_steps, cfg.action_repeat,
-                    world_kwargs=cfg.world_kwargs, torch_threads=torch_threads)
+                    relative_px=_relative_px(cfg), world_kwargs=cfg.world_kwargs,
+                    torch_threads=torch_threads)
 
 
-def real_env(cfg: TrainSB3Config) -> gym.Env:
-    """The world a policy is scored in, whatever it trained in."""
-    return make_env("pusht-sim", cfg.reward, cfg.max_steps, cfg.action_repeat)
+def real_env(cfg: TrainSB3Config, *, absolute: bool = False) -> gym.Env:
+    """The world a policy is scored in, whatever it trained in (with ``absolute``: taking
+    the env's own absolute actions, for replaying the ones a policy's actions became)."""
+    return make_env("pusht-sim", cfg.reward, cfg.max_steps, cfg.action_repeat,
+                    relative_px=None if absolute else _relative_px(cfg))
 
 
 def training_envs(cfg: TrainSB3Config):
@@ -170,13 +189,14 @@ def training_envs(cfg: TrainSB3Config):
 def play(policy: Callable[[np.ndarray], np.ndarray], env: gym.Env, seed: int,
          actions: np.ndarray | None = None) -> dict[str, Any]:
     """One episode from ``env.reset(seed=seed)``: closed loop with ``policy``, or open
-    loop replaying ``actions`` (stopping early if the episode ends first)."""
+    loop replaying ``actions`` (stopping early if the episode ends first). Records the
+    actions the env applied (``info["applied_action"]`` where a wrapper translated them)."""
     obs, _ = env.reset(seed=seed)
     taken, rewards, coverage_rewards, coverage = [], [], [], 0.0
     for t in range(env.spec.max_episode_steps if actions is None else len(actions)):
         action = policy(obs) if actions is None else actions[t]
         obs, reward, terminated, truncated, info = env.step(action)
-        taken.append(np.asarray(action, dtype=np.float64).tolist())
+        taken.append(np.asarray(info.get("applied_action", action), dtype=np.float64).tolist())
         rewards.append(float(reward))
         coverage_rewards.append(info["coverage_reward"])
         coverage = float(info["coverage"])
@@ -249,11 +269,11 @@ class RealWorldEval(BaseCallback):
 
 # --- the audit -------------------------------------------------------------------------------
 def audit_policy(model: BaseAlgorithm, cfg: TrainSB3Config, episodes: int) -> dict[str, Any]:
-    """Play whole episodes inside the training world, replay the chosen actions open loop
-    in the real Push-T from the same seeded start; the document ``experiments.audit``
+    """Play whole episodes inside the training world, replay the actions the model's env
+    applied (absolute targets) open loop in the real Push-T from the same seeded start; the document ``experiments.audit``
     reads (``rewards`` real, ``predicted_rewards`` imagined, both the task's coverage)."""
     imagined_env = world_env(cfg)
-    real = real_env(cfg)
+    real = real_env(cfg, absolute=True)
     rows = []
     try:
         for k in range(episodes):
@@ -301,7 +321,7 @@ def run(cfg: TrainSB3Config, out_dir: Path) -> dict[str, Any]:
         evaluation_env.close()
     (out_dir / "audit.json").write_text(json.dumps(audit_doc, indent=1))
     summary: dict[str, Any] = {
-        "algo": cfg.algo, "world": cfg.world, "reward": cfg.reward,
+        "algo": cfg.algo, "world": cfg.world, "reward": cfg.reward, "actions": cfg.actions,
         "total_timesteps": cfg.total_timesteps, "n_envs": cfg.n_envs, "vec_env": cfg.vec_env,
         "train_seconds": train_seconds, "steps_per_second": cfg.total_timesteps / train_seconds,
     }  # fmt: skip

@@ -14,7 +14,7 @@ from stable_baselines3 import PPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import arcfab_gym  # noqa: F401
-from arcfab_gym.envs import PushTFeatures, PushTReward
+from arcfab_gym.envs import PushTFeatures, PushTReward, RelativeTargets
 from arcfab_gym.tasks import pusht
 from experiments.audit import audit, load_run
 from experiments.summarize import summarize
@@ -60,6 +60,22 @@ def test_reward_wrapper_keeps_the_task_reward_and_shapes_from_the_observation():
         PushTReward(gym.make("ArcFabric-PushTSim-v0"), "dense")
 
 
+def test_relative_targets_move_the_pusher_from_where_it_is():
+    env = RelativeTargets(gym.make("ArcFabric-PushTSim-v0"), max_step_px=40.0)
+    env.reset(seed=1)
+    agent = env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
+    *_, info = env.step(np.array([1.0, -0.5], dtype=np.float32))
+    target = pusht.action_to_target(info["applied_action"])
+    np.testing.assert_allclose(target, np.clip(agent + [40.0, -20.0], 0, 512), atol=0.05)
+    agent = env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
+    *_, info = env.step(np.zeros(2, dtype=np.float32))  # zero: aim where the pusher is
+    np.testing.assert_allclose(pusht.action_to_target(info["applied_action"]), agent, atol=0.05)
+    with pytest.raises(ValueError, match="2 finite numbers"):
+        env.step(np.array([np.nan, 0.0]))
+    with pytest.raises(ValueError, match="max_step_px"):
+        RelativeTargets(gym.make("ArcFabric-PushTSim-v0"), max_step_px=0)
+
+
 def test_features_are_scaled_and_inside_their_space():
     env = make_env("mini-dreamzero", "shaped", max_steps=5)
     obs, _ = env.reset(seed=0)
@@ -77,6 +93,7 @@ def test_features_are_scaled_and_inside_their_space():
     ({"world": "dreamzero-14b"}, "registered backend"),
     ({"reward": "sparse"}, "reward must be one of"),
     ({"vec_env": "ray"}, "vec_env must be one of"),
+    ({"actions": "polar"}, "actions must be one of"),
     ({"n_envs": 0}, "n_envs must be >= 1"),
     ({"eval_episodes": -1}, "eval_episodes must be >= 0"),
     ({"algo_kwargs": {"n_stepz": 3}}, r"\['n_stepz'\] are not arguments of PPO"),
@@ -110,12 +127,13 @@ def test_ppo_run_evaluates_in_the_real_world_logs_sb3_tags_and_audits(tmp_path):
     for ep in audit_doc["episodes"]:
         assert ep["predicted_rewards"] == ep["rewards"]
     assert doc["summary"]["audit_mean_gap"] == 0.0
-    # The saved policy is the one that was evaluated.
+    # The saved policy is the one that was audited; the audit holds the absolute targets
+    # its relative actions became.
     policy = PPO.load(tmp_path / "model.zip", device="cpu")
-    env = make_env("pusht-sim", "shaped", max_steps=20)
+    env = make_env("pusht-sim", "shaped", max_steps=20, relative_px=TINY.max_step_px)
     obs, _ = env.reset(seed=3_000_000)
-    np.testing.assert_array_equal(policy.predict(obs, deterministic=True)[0],
-                                  audit_doc["episodes"][0]["actions"][0])
+    *_, info = env.step(policy.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(info["applied_action"], audit_doc["episodes"][0]["actions"][0])
     env.close()
     # The README's table comes from experiments.summarize.
     row = summarize([str(tmp_path)]).splitlines()[2]

@@ -42,6 +42,38 @@ class DiscreteRelativeMoves(gym.ActionWrapper):
         return pusht.target_to_action(target)
 
 
+class RelativeTargets(gym.ActionWrapper):
+    """Continuous actions relative to the pusher: ``a`` in ``[-1, 1]^2`` aims the pusher
+    ``a * max_step_px`` pixels away from where it is (clipped to the workspace).
+
+    Absolute targets make a young policy's exploration jump the pusher across the table
+    every step; relative ones explore locally and make "stay" the zero action, which
+    suits on-policy learners (the continuous sibling of :class:`DiscreteRelativeMoves`).
+    """
+
+    def __init__(self, env: gym.Env, *, max_step_px: float = 48.0):
+        super().__init__(env)
+        if not max_step_px > 0:
+            raise ValueError(f"max_step_px must be > 0, got {max_step_px}")
+        self.max_step_px = float(max_step_px)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+
+    def step(self, action):
+        """The wrapped env's step; ``info["applied_action"]`` is the absolute action the
+        env received (replaying those elsewhere reproduces the targets exactly)."""
+        applied = self.action(action)
+        obs, reward, terminated, truncated, info = self.env.step(applied)
+        return obs, reward, terminated, truncated, {**info, "applied_action": applied}
+
+    def action(self, action: np.ndarray) -> np.ndarray:
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (2,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be 2 finite numbers, got {action!r}")
+        agent = self.env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
+        target = agent + self.max_step_px * np.clip(action, -1.0, 1.0)
+        return pusht.target_to_action(np.clip(target, 0.0, pusht.WORLD_SIZE))
+
+
 class PushTFeatures(gym.ObservationWrapper):
     """A flat, scaled feature vector for MLP policies (stable-baselines3's ``MlpPolicy``).
 
