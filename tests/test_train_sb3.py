@@ -60,6 +60,18 @@ def test_reward_wrapper_keeps_the_task_reward_and_shapes_from_the_observation():
         PushTReward(gym.make("ArcFabric-PushTSim-v0"), "dense")
 
 
+def test_progress_reward_telescopes_to_the_change_of_potential():
+    env = PushTReward(gym.make("ArcFabric-PushTSim-v0"), "progress", progress_scale=10.0)
+    obs0, _ = env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    bonus = 0.0
+    for _ in range(30):
+        obs, reward, *_, info = env.step(rng.uniform(-1, 1, 2).astype(np.float32))
+        bonus += reward - info["coverage_reward"]
+    expected = 10.0 * (pusht.progress_potential(obs) - pusht.progress_potential(obs0))
+    assert bonus == pytest.approx(expected, abs=1e-9) and bonus != 0.0
+
+
 def test_relative_targets_move_the_pusher_from_where_it_is():
     env = RelativeTargets(gym.make("ArcFabric-PushTSim-v0"), max_step_px=40.0)
     env.reset(seed=1)

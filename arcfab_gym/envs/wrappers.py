@@ -105,20 +105,34 @@ class PushTFeatures(gym.ObservationWrapper):
 
 
 class PushTReward(gym.Wrapper):
-    """Choose the reward an agent trains on: ``"coverage"`` (the task's own) or
-    ``"shaped"`` (:func:`arcfab_gym.tasks.pusht.shaped_reward`: coverage plus progress
-    terms). Either way the task's reward stays in ``info["coverage_reward"]``, and
+    """Choose the reward an agent trains on:
+
+    * ``"coverage"``: the task's own;
+    * ``"shaped"``: :func:`arcfab_gym.tasks.pusht.shaped_reward`, coverage minus the
+      distances still to go (a cost every step);
+    * ``"progress"``: coverage plus ``progress_scale`` x the step's change of
+      :func:`~arcfab_gym.tasks.pusht.progress_potential` (potential-based shaping: it
+      rewards each step's progress and leaves the optimal policy unchanged).
+
+    Either way the task's reward stays in ``info["coverage_reward"]``, and
     ``info["is_success"]`` (stable-baselines3's success key) says whether the episode ended
     on the goal. Wrap before :class:`PushTFeatures`: it reads the dict observation.
     """
 
-    KINDS = ("coverage", "shaped")
+    KINDS = ("coverage", "shaped", "progress")
 
-    def __init__(self, env: gym.Env, kind: str = "shaped"):
+    def __init__(self, env: gym.Env, kind: str = "shaped", *, progress_scale: float = 10.0):
         super().__init__(env)
         if kind not in self.KINDS:
             raise ValueError(f"reward kind must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
+        self.progress_scale = float(progress_scale)
+        self._potential = 0.0
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._potential = pusht.progress_potential(obs)
+        return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -127,4 +141,8 @@ class PushTReward(gym.Wrapper):
         info.setdefault("is_success", bool(terminated))
         if self.kind == "shaped":
             reward = pusht.shaped_reward(reward, obs)
+        elif self.kind == "progress":
+            potential = pusht.progress_potential(obs)
+            reward = reward + self.progress_scale * (potential - self._potential)
+            self._potential = potential
         return obs, float(reward), terminated, truncated, info

@@ -183,12 +183,19 @@ def shaped_reward(reward: float, obs: dict[str, np.ndarray]) -> float:
     policy nothing to climb. This reads only what every backend observes (a learned
     model's heads included), so it means the same inside a model and in the real task.
     """
+    return float(reward + progress_potential(obs))
+
+
+def progress_potential(obs: dict[str, np.ndarray]) -> float:
+    """Minus the distances :func:`shaped_reward` adds: the T's to its goal position
+    (/ 256 px) and angle (/ pi), a quarter of the pusher's to the T's centre (/ 256 px).
+    Its change over a step is a potential-based shaping term (Ng et al., 1999)."""
     block = np.asarray(obs["block_pose"], dtype=np.float64)
     goal = np.asarray(obs["goal_pose"], dtype=np.float64)
     dist = np.linalg.norm(block[:2] - goal[:2]) / 256.0
     dtheta = float(wrap_angle(block[2] - goal[2])) / np.pi
     reach = np.linalg.norm(np.asarray(obs["agent_pos"], dtype=np.float64) - block_centre(block))
-    return float(reward - dist - 0.5 * dtheta - 0.25 * reach / 256.0)
+    return float(-dist - 0.5 * dtheta - 0.25 * reach / 256.0)
 
 
 # --- drawing ---------------------------------------------------------------------------
