@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.arcfab-installed
 
-.PHONY: setup plan demo test test-all bench clean
+.PHONY: setup plan demo serve test test-all bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ plan: setup
 
 demo: setup
 	$(BIN)/python -m experiments.demo
+
+# The web service and tree explorer on http://127.0.0.1:8000/ (ARCFAB_TOKEN to require a token).
+serve: setup
+	$(BIN)/arcfab serve
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -432,22 +433,12 @@ class Registry:
         self._reserve_session_slot()
         try:
             self._check_budget("creating a session")
-            tree = self._new_tree(backend)
-            with tree.lock:
-                session = Session(
-                    prototype.spawn(),
-                    state_manager=tree.store,
-                    tree=tree.tree,
-                    session_id=self._new_session_id(),
-                    max_rewind=self.settings.max_rewind,
-                )
+
+            def start(session: Session) -> str:
                 session.reset(prompt=prompt, seed=int(seed))
-                root = session.checkpoints[-1]
-                self._annotate(tree, root, terminated=False)
-                rec = SessionRecord(session.session_id, tree, session, [FrameFacts(node_id=root)])
-                self._register(rec)
-                self._emit("session_created", rec)
-                return self.info(rec)
+                return session.checkpoints[-1]
+
+            return self._open_in_new_tree(backend, prototype, start)
         finally:
             self._release_session_slot()
 
@@ -469,28 +460,42 @@ class Registry:
                 )
             prototype = self.prototype(snap.backend)
             snap = validate_snapshot(snap, prototype, self.signature(snap.backend))
-            tree = self._new_tree(snap.backend)
-            with tree.lock:
-                session = Session(
-                    prototype.spawn(),
-                    state_manager=tree.store,
-                    tree=tree.tree,
-                    session_id=self._new_session_id(),
-                    max_rewind=self.settings.max_rewind,
-                )
+
+            def start(session: Session) -> str:
                 try:
                     session.load_snapshot(snap)
                 except (StateMismatchError, ValueError) as exc:
-                    session.close()
                     raise InvalidRequest(f"snapshot does not load: {exc}") from None
-                root = session.checkpoint(kind="import")
-                self._annotate(tree, root, terminated=False)
-                rec = SessionRecord(session.session_id, tree, session, [FrameFacts(node_id=root)])
-                self._register(rec)
-                self._emit("session_created", rec)
-                return self.info(rec)
+                return session.checkpoint(kind="import")
+
+            return self._open_in_new_tree(snap.backend, prototype, start)
         finally:
             self._release_session_slot()
+
+    def _open_in_new_tree(self, backend: str, prototype: WorldModel,
+                          start: Callable[[Session], str]) -> dict:
+        """Build a session in a new tree, ``start`` it (returns its root checkpoint id),
+        register it and announce it; the caller holds a reserved session slot."""
+        tree = self._new_tree(backend)
+        with tree.lock:
+            session = Session(
+                prototype.spawn(),
+                state_manager=tree.store,
+                tree=tree.tree,
+                session_id=self._new_session_id(),
+                max_rewind=self.settings.max_rewind,
+            )
+            try:
+                root = start(session)
+            except BaseException:
+                session.close()
+                self._close_tree(tree)  # never registered: nothing else refers to it
+                raise
+            self._annotate(tree, root, terminated=False)
+            rec = SessionRecord(session.session_id, tree, session, [FrameFacts(node_id=root)])
+            self._register(rec)
+            self._emit("session_created", rec)
+            return self.info(rec)
 
     def close_session(self, session_id: str) -> dict:
         """Close a session; a tree whose last session closes is freed with its store."""

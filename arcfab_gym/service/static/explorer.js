@@ -219,23 +219,26 @@ function sessionFor(sessionId) {
     (state.session && state.session.session_id === sessionId ? state.session : null);
 }
 
+/** Append a term and its value (with an optional colour swatch) to a <dl>. */
+function appendTerm(dl, term, value, swatch) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  if (swatch) {
+    const sw = document.createElement("span");
+    sw.className = "swatch";
+    sw.style.background = swatch;
+    dd.append(sw);
+  }
+  dd.append(String(value));
+  dl.append(dt, dd);
+}
+
 function renderSessionInfo() {
   const s = state.session;
   const dl = $("current-session");
   dl.replaceChildren();
-  const add = (k, v, swatch) => {
-    const dt = document.createElement("dt");
-    dt.textContent = k;
-    const dd = document.createElement("dd");
-    if (swatch) {
-      const sw = document.createElement("span");
-      sw.className = "swatch";
-      sw.style.background = swatch;
-      dd.append(sw);
-    }
-    dd.append(String(v));
-    dl.append(dt, dd);
-  };
+  const add = (k, v, swatch) => appendTerm(dl, k, v, swatch);
   if (!s) {
     add("Session", "none: create or open one");
     return;
@@ -797,17 +800,7 @@ async function showSelected() {
   img.alt = `Frame ${d.data.frame_index} of node ${d.id}`;
   const add = (k, v, swatch) => {
     if (v === undefined || v === null || v === "") return;
-    const dt = document.createElement("dt");
-    dt.textContent = k;
-    const dd = document.createElement("dd");
-    if (swatch) {
-      const sw = document.createElement("span");
-      sw.className = "swatch";
-      sw.style.background = swatch;
-      dd.append(sw);
-    }
-    dd.append(String(v));
-    dl.append(dt, dd);
+    appendTerm(dl, k, v, swatch);
   };
   add("Node", d.id);
   add("Session", d.data.session_id, branchColor(d.data.session_id));
