@@ -86,6 +86,9 @@ class MPCAgent:
         elif cfg.objective != "goal":  # "goal" is set by set_goal()
             raise ValueError(f"unknown objective {cfg.objective!r}: reward, shaped or goal")
         self.stats: dict[str, Any] = {}
+        #: The action sequence behind the last action (its first row): CEM's sequence, or
+        #: MCTS's principal variation (most visited children from the chosen action on).
+        self.plan = np.zeros((0, 2), dtype=np.float32)
 
     def set_goal(self, goal_state) -> None:
         """Plan towards ``goal_state`` (a ModelState of this model) instead of the reward."""
@@ -104,6 +107,7 @@ class MPCAgent:
         if planner == "random":
             action = self.rng.uniform(-1, 1, 2).astype(np.float32)
             self.stats = {}
+            self.plan = action[None]
         elif planner in ("cem", "mppi"):
             res = self.cem.plan(
                 sequence_evaluator(self.model, root, objective=self.objective,
@@ -111,6 +115,7 @@ class MPCAgent:
                 self.rng,
             )
             action = res.action
+            self.plan = res.sequence
             self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
                           "model_steps": res.evaluations * self.cem.cfg.horizon}
         else:
@@ -140,8 +145,23 @@ class MPCAgent:
                       "depth": depth, "model_steps": search.expansions,
                       "root_value": float(out.search_tree.node_values[0, 0])}  # fmt: skip
         action = search.action_of(root_id, index)
+        self.plan = np.stack([action] + _principal_variation(out.search_tree, search, index))
         search.release()
         return action
+
+
+def _principal_variation(tree, search: WorldSearch, first: int) -> list[np.ndarray]:
+    """Actions below the root's child ``first``, following the most visited child."""
+    actions = []
+    node = int(tree.children_index[0, 0, first])
+    while node >= 0:
+        visits = tree.children_visits[0, node]
+        if visits.max() <= 0:
+            break
+        index = int(np.argmax(visits))
+        actions.append(search.action_of(tree.embeddings[0][node], index))
+        node = int(tree.children_index[0, node, index])
+    return actions
 
 
 def _max_depth(tree) -> int:

@@ -5,7 +5,10 @@ predicted for it (one step ahead, from the state re-synced to the real world) ne
 reward the real Push-T gave. A planner that exploits its model's errors picks actions the
 model over-rates, so its predicted return exceeds the real one. This prints, per episode,
 the predicted and real return, the gap, the share of steps over-rated by more than
-``--step-margin``, and flags episodes whose gap exceeds ``--margin``.
+``--step-margin``, and flags episodes whose gap exceeds ``--margin``. Planning runs also
+audit each chosen *plan*: the return the model promised for the whole planned sequence
+against what the real Push-T paid for the same sequence from the same state (the plan
+gap, and the share of plans over-promised by more than ``--step-margin``).
 
     python -m experiments.audit runs/plan/<run>            # or its results.json
     python -m experiments.audit runs/train_sb3/<run>       # a trained policy's audit.json
@@ -46,29 +49,45 @@ def audit(doc: dict[str, Any], *, margin: float = 1.0, step_margin: float = 0.05
         real, pred = ep["rewards"], ep["predicted_rewards"]
         over = sum(p - r > step_margin for p, r in zip(pred, real))
         gap = sum(pred) - sum(real)
-        rows.append({"episode": ep["episode"], "seed": ep["seed"], "real_return": sum(real),
-                     "predicted_return": sum(pred), "gap": gap,
-                     "over_rated_steps": over / max(1, len(real)), "flagged": gap > margin})
+        row = {"episode": ep["episode"], "seed": ep["seed"], "real_return": sum(real),
+               "predicted_return": sum(pred), "gap": gap,
+               "over_rated_steps": over / max(1, len(real)), "flagged": gap > margin}
+        if ep.get("plan_promised_returns"):  # a planning run's whole-plan audit
+            plan_gaps = [a - b for a, b in zip(ep["plan_promised_returns"], ep["plan_real_returns"])]
+            row["plan_gap"] = sum(plan_gaps) / len(plan_gaps)
+            row["over_promised_plans"] = sum(g > step_margin for g in plan_gaps) / len(plan_gaps)
+        rows.append(row)
     n = len(rows)
-    return {
+    report = {
         "backend": doc["summary"]["backend"], "planner": doc["summary"]["planner"],
         "episodes": rows, "margin": margin, "step_margin": step_margin,
         "mean_gap": sum(r["gap"] for r in rows) / n,
         "flagged": sum(r["flagged"] for r in rows),
     }  # fmt: skip
+    if all("plan_gap" in r for r in rows):
+        report["mean_plan_gap"] = sum(r["plan_gap"] for r in rows) / n
+    return report
 
 
 def format_audit(report: dict[str, Any]) -> str:
+    plans = "mean_plan_gap" in report
+    head = ["episode", "seed", "real return", "predicted return", "gap", "steps over-rated"]
+    head += ["plan gap (mean)", "plans over-promised"] if plans else []
     lines = [f"audit: {report['planner']} in {report['backend']}, {len(report['episodes'])} "
              f"episodes; flag = predicted - real return > {report['margin']}",
-             "| episode | seed | real return | predicted return | gap | steps over-rated | flag |",
-             "|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             "| " + " | ".join(head + ["flag"]) + " |", "|" + "---:|" * len(head) + "---|"]
     for r in report["episodes"]:
-        lines.append(f"| {r['episode']} | {r['seed']} | {r['real_return']:.3f} | "
-                     f"{r['predicted_return']:.3f} | {r['gap']:+.3f} | "
-                     f"{100 * r['over_rated_steps']:.0f} % | {'FLAG' if r['flagged'] else ''} |")
-    lines.append(f"mean gap {report['mean_gap']:+.3f}; flagged {report['flagged']} of "
-                 f"{len(report['episodes'])}")
+        cells = [str(r["episode"]), str(r["seed"]), f"{r['real_return']:.3f}",
+                 f"{r['predicted_return']:.3f}", f"{r['gap']:+.3f}",
+                 f"{100 * r['over_rated_steps']:.0f} %"]
+        if plans:
+            cells += [f"{r['plan_gap']:+.3f}", f"{100 * r['over_promised_plans']:.0f} %"]
+        lines.append("| " + " | ".join(cells + ["FLAG" if r["flagged"] else ""]) + " |")
+    tail = f"mean gap {report['mean_gap']:+.3f}; flagged {report['flagged']} of {len(report['episodes'])}"
+    if plans:
+        tail += (f"; each chosen plan promised {report['mean_plan_gap']:+.3f} more than the "
+                 "real Push-T paid for it, on average")
+    lines.append(tail)
     return "\n".join(lines)
 
 

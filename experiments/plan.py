@@ -108,6 +108,9 @@ class PlanConfig:
     """Write a D3 page of each episode's search tree."""
     objective: str = "reward"
     """Planning objective: reward (the model's reward head) or shaped (+ distances)."""
+    audit_plans: bool = True
+    """Also audit each chosen plan: the model's predicted reward over the whole planned
+    sequence vs the real Push-T's for the same sequence from the same state."""
 
 
 cs = ConfigStore.instance()
@@ -128,6 +131,20 @@ def sync(model, real: PushTSim, action: np.ndarray) -> StepOutput:
     return predicted
 
 
+def plan_returns(model, real: PushTSim, scratch: PushTSim,
+                 plan: np.ndarray) -> tuple[float, float]:
+    """What ``model`` promises for ``plan`` from its current state (summed reward) and what
+    the real Push-T pays for the same actions from the real state (on ``scratch``, a copy);
+    both left as they were. The model's sampling RNG travels with its state, so auditing
+    a plan changes nothing that follows."""
+    root = model.extract_state()
+    promised = sum(float(model.step(a).reward) for a in plan)
+    model.load_state(root)
+    scratch.load_state(real.extract_state())
+    paid = sum(float(scratch.step(a).reward) for a in plan)
+    return promised, paid
+
+
 def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out_dir: Path,
                 bar: tqdm) -> dict[str, Any]:
     seed = cfg.seed + episode
@@ -135,6 +152,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     init = pusht.sample_initial_state(rng)
     real = PushTSim(action_repeat=cfg.action_repeat, frame_size=64)
     real.start(cfg.prompt, seed, init)
+    scratch = real.spawn()  # replays planned sequences for the plan audit
     model.start(cfg.prompt, seed, init)
     p = cfg.planner
     store = StateManager(model)
@@ -143,10 +161,15 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     plan_times, stats_log, cov, success = [], [], 0.0, False
     rewards: list[float] = []  # real, per step
     predicted: list[float] = []  # the model's, for the same executed actions
+    promised, paid = [], []  # per step: the whole chosen plan, in the model and for real
     for t in range(cfg.experiment.max_steps):
         action = agent.act()
         plan_times.append(agent.stats.get("planning_seconds", 0.0))
         stats_log.append(dict(agent.stats))
+        if cfg.audit_plans:
+            promise, pay = plan_returns(model, real, scratch, agent.plan)
+            promised.append(promise)
+            paid.append(pay)
         out = real.step(action)
         cov, success = out.info["coverage"], out.info["is_success"]
         rewards.append(float(out.reward))
@@ -167,6 +190,11 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         "predicted_return": float(sum(predicted)), "return_gap": float(sum(predicted) - ret),
         "rewards": rewards, "predicted_rewards": predicted,
     }  # fmt: skip
+    if cfg.audit_plans:
+        # The plan audit: each chosen plan's return as the model promised it vs as the
+        # real world pays it, from the same state (the planner's own exploitation).
+        result.update({"plan_promised_returns": promised, "plan_real_returns": paid,
+                       "plan_return_gap": statistics.mean(a - b for a, b in zip(promised, paid))})
     for key in ("root_visits", "depth", "q_spread"):
         vals = [s[key] for s in stats_log if key in s]
         if vals:
@@ -182,6 +210,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
                             title=f"{p.planner} in {model.name}, episode {episode}",
                             color_by="value")
     store.close()
+    scratch.close()
     real.close()
     return result
 
@@ -207,6 +236,8 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
         "mean_return": statistics.mean(r["return"] for r in results),
         "seconds_per_action": statistics.mean(r["seconds_per_action"] for r in results),
         "mean_return_gap": statistics.mean(r["return_gap"] for r in results),
+        "mean_plan_return_gap": (statistics.mean(r["plan_return_gap"] for r in results)
+                                 if cfg.audit_plans else None),
         "wall_seconds": time.perf_counter() - t0,
     }  # fmt: skip
     hparams = {"planner": cfg.planner.planner, "backend": cfg.backend.name,

@@ -63,6 +63,7 @@ class PlanResult:
     mean_elite_return: float
     returns: list[np.ndarray] = field(default_factory=list)  # per iteration [N]
     evaluations: int = 0
+    sequence: np.ndarray | None = None  # [H, A] the sequence acted on (best, or MPPI's mean)
 
 
 class CEMPlanner:
@@ -140,4 +141,5 @@ class CEMPlanner:
             mean_elite_return=float(np.mean(np.sort(all_returns[-1])[-cfg.num_elites :])),
             returns=all_returns,
             evaluations=evaluations,
+            sequence=np.clip(plan, self.low, self.high).astype(np.float32),
         )

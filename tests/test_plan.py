@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.mpc import relative_moves
+from arcfab_gym.tasks import pusht
 from experiments.plan import run
 from experiments.summarize import summarize
 
@@ -41,6 +42,41 @@ def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
     assert ep["mean_root_visits"] == 9 and 1 <= ep["mean_depth"] <= 4
     assert (tmp_path / "trees" / "episode_0.html").exists()
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_auditing_plans_changes_nothing_the_agent_does(tmp_path, tiny_weights_dir):
+    """The plan audit steps the model along each chosen plan and puts it back: the run
+    (actions, rewards, predictions) must be the same with and without it."""
+    common = ("backend=mini_dreamzero", f"+backend.kwargs.weights_dir={tiny_weights_dir}",
+              "planner=mcts", "planner.num_simulations=6", "experiment.episodes=1",
+              "experiment.max_steps=3", "tree_pages=false")  # fmt: skip
+    with_audit = run(compose_plan(*common), tmp_path / "a")["episodes"][0]
+    without = run(compose_plan(*common, "audit_plans=false"), tmp_path / "b")["episodes"][0]
+    for key in ("rewards", "predicted_rewards", "return"):
+        assert with_audit[key] == without[key]
+    assert len(with_audit["plan_promised_returns"]) == 3 and "plan_return_gap" not in without
+
+
+def test_the_agent_exposes_the_plan_behind_its_action():
+    from agents.mpc import MPCAgent, MPCConfig
+    from arcfab_gym.models.pusht_sim import PushTSim
+    from planners.cem import CEMConfig
+
+    model = PushTSim(action_repeat=4, frame_size=64)
+    model.start(pusht.DEFAULT_PROMPT, 0)
+    mcts = MPCAgent(model, MPCConfig(planner="mcts", num_simulations=12, max_depth=3,
+                                     objective="shaped", record_tree=False),
+                    np.random.default_rng(0))
+    action = mcts.act()
+    assert 2 <= len(mcts.plan) <= 3  # the principal variation, within the depth limit
+    np.testing.assert_array_equal(mcts.plan[0], action)
+    cem = MPCAgent(model, MPCConfig(planner="cem", cem=CEMConfig(horizon=4, num_samples=8,
+                                                                 num_elites=2, iterations=1)),
+                   np.random.default_rng(0))
+    action = cem.act()
+    assert cem.plan.shape == (4, 2)
+    np.testing.assert_array_equal(cem.plan[0], action)
+    model.close()
 
 
 def test_too_small_an_experiment_is_a_clear_error(tmp_path):
@@ -101,10 +137,12 @@ def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tm
     common = ("experiment.episodes=1", "experiment.max_steps=4", "planner=random", "tree_pages=false")
     exact = run(compose_plan("backend=pusht_sim", *common), tmp_path / "sim")
     ep = exact["episodes"][0]
-    # pusht-sim as the model is an exact copy of the real world: same rewards, bit for bit.
+    # pusht-sim as the model is an exact copy of the real world: same rewards, bit for bit,
+    # and every chosen plan is paid exactly what it promised.
     assert ep["predicted_rewards"] == ep["rewards"] and ep["return_gap"] == 0.0
+    assert ep["plan_promised_returns"] == ep["plan_real_returns"] and ep["plan_return_gap"] == 0.0
     report = audit(load_run(tmp_path / "sim"), margin=0.0)
-    assert report["flagged"] == 0 and report["mean_gap"] == 0.0
+    assert report["flagged"] == 0 and report["mean_gap"] == 0.0 and report["mean_plan_gap"] == 0.0
 
     # Untrained tiny weights: a model known to be wrong about the reward.
     wrong = run(compose_plan("backend=mini_dreamzero", f"+backend.kwargs.weights_dir={tiny_weights_dir}",
@@ -117,6 +155,9 @@ def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tm
     assert report["flagged"] == int(gap > 0)
     text = format_audit(report)
     assert "mini-dreamzero" in text and f"{gap:+.3f}" in text
+    assert ep["plan_promised_returns"] != ep["plan_real_returns"]
+    assert report["mean_plan_gap"] == pytest.approx(ep["plan_return_gap"])
+    assert "plan gap (mean)" in text and f"{ep['plan_return_gap']:+.3f}" in text
 
     with pytest.raises(FileNotFoundError, match="no results.json or audit.json"):
         load_run(tmp_path / "nowhere")
