@@ -303,5 +303,8 @@ def test_explorer_api_errors_reach_the_status_bar(page: Page, problems: list[str
     bar = pg.get_by_test_id("status-bar")
     assert bar.get_attribute("data-state") == "error"
     assert "rewind" in bar.inner_text()
+    # A late live event (the step's, debounced) must not hide the error.
+    pg.wait_for_timeout(600)
+    assert bar.get_attribute("data-state") == "error" and "rewind" in bar.inner_text()
     # The browser logs the refused request itself; that one is expected.
     problems[:] = [p for p in problems if "the server responded with a status of 4" not in p]

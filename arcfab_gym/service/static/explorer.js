@@ -1065,7 +1065,8 @@ function onEvent(msg) {
       if (followHead) await showSelected();
       renderSessionInfo();
       updatePadImage();
-      if (!state.busy) {
+      // A live notice never hides an error: it stays until the user's next action.
+      if (!state.busy && $("status-bar").dataset.state !== "error") {
         const what = (msg.type || "event").replace("_", " ");
         setStatus(closed ? `Live: ${msg.session_id} was closed${mine ? "; open or create another session" : ""}`
           : `Live: ${what} in ${msg.session_id || "?"} at frame ${msg.frame_index ?? "?"}`, "info");
