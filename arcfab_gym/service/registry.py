@@ -28,7 +28,8 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -261,6 +262,14 @@ class Registry:
             )
         return rec
 
+    @contextmanager
+    def _locked_session(self, session_id: str) -> Iterator[SessionRecord]:
+        """The session, with its tree's lock held and the session checked still open."""
+        rec = self._session(session_id)
+        with rec.tree.lock:
+            self._check_open_session(rec)
+            yield rec
+
     @staticmethod
     def _check_open_session(rec: SessionRecord) -> None:
         """Call with the tree lock held: the session may have closed while we waited."""
@@ -294,9 +303,7 @@ class Registry:
         }
 
     def get_session(self, session_id: str) -> dict[str, Any]:
-        rec = self._session(session_id)
-        with rec.tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
             return self.info(rec)
 
     def list_sessions(self) -> list[dict[str, Any]]:
@@ -499,10 +506,8 @@ class Registry:
 
     def close_session(self, session_id: str) -> dict:
         """Close a session; a tree whose last session closes is freed with its store."""
-        rec = self._session(session_id)
-        tree = rec.tree
-        with tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
+            tree = rec.tree
             self._emit("session_closed", rec, with_frame=False)  # while it can still be read
             rec.closed = True
             rec.session.close()
@@ -516,9 +521,7 @@ class Registry:
 
     # --- moving in a session -----------------------------------------------------------------
     def step(self, session_id: str, action: list[float], checkpoint: bool) -> dict:
-        rec = self._session(session_id)
-        with rec.tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
             s = rec.session
             dim = s.model.action_dim
             if len(action) != dim:
@@ -545,9 +548,7 @@ class Registry:
             return self.info(rec)
 
     def checkpoint(self, session_id: str, label: str | None) -> dict:
-        rec = self._session(session_id)
-        with rec.tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
             self._check_budget("a checkpoint")
             meta = {"kind": "checkpoint"}
             if label is not None:
@@ -563,10 +564,8 @@ class Registry:
             }
 
     def restore(self, session_id: str, checkpoint_id: str) -> dict:
-        rec = self._session(session_id)
-        tree = rec.tree
-        with tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
+            tree = rec.tree
             self._check_node(tree, checkpoint_id)
             try:
                 rec.session.restore(checkpoint_id)
@@ -627,9 +626,7 @@ class Registry:
             self._release_session_slot()
 
     def rewind(self, session_id: str, n_steps: int) -> dict:
-        rec = self._session(session_id)
-        with rec.tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
             try:
                 node_id = rec.session.rewind(int(n_steps))
             except HistoryError as exc:
@@ -642,9 +639,7 @@ class Registry:
 
     # --- reading frames and trees ------------------------------------------------------------
     def session_frame_png(self, session_id: str, frame_index: int | None) -> bytes:
-        rec = self._session(session_id)
-        with rec.tree.lock:
-            self._check_open_session(rec)
+        with self._locked_session(session_id) as rec:
             s = rec.session
             if frame_index is not None and not 0 <= frame_index <= s.frame_index:
                 raise InvalidRequest(
