@@ -44,7 +44,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from tqdm import tqdm
@@ -311,7 +311,7 @@ def run(cfg: TrainSB3Config, out_dir: Path) -> dict[str, Any]:
         with tqdm(total=cfg.total_timesteps, desc=desc, unit="step") as bar:
             evaluator = RealWorldEval(evaluation_env, eval_freq=cfg.eval_freq,
                                       episodes=cfg.eval_episodes, bar=bar)
-            model.learn(cfg.total_timesteps, callback=CallbackList([evaluator]),
+            model.learn(cfg.total_timesteps, callback=evaluator,
                         tb_log_name=f"{cfg.algo}_{cfg.world}")
         train_seconds = time.perf_counter() - t0
         model.save(out_dir / "model.zip")

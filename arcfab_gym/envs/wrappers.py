@@ -9,6 +9,12 @@ from gymnasium import spaces
 from arcfab_gym.tasks import pusht
 
 
+def _aim_from_pusher(env: gym.Env, offset_px: np.ndarray) -> np.ndarray:
+    """The env action aiming the pusher ``offset_px`` from where it is, kept on the table."""
+    agent = env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
+    return pusht.target_to_action(np.clip(agent + offset_px, 0.0, pusht.WORLD_SIZE))
+
+
 class DiscreteRelativeMoves(gym.ActionWrapper):
     """Discrete actions that move the pusher's target relative to where the pusher is.
 
@@ -37,9 +43,7 @@ class DiscreteRelativeMoves(gym.ActionWrapper):
             raise ValueError(
                 f"action must be an int in [0, {self.action_space.n}), got {action!r}"
             )
-        agent = self.env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
-        target = np.clip(agent + self.offsets[int(action)], 0.0, pusht.WORLD_SIZE)
-        return pusht.target_to_action(target)
+        return _aim_from_pusher(self.env, self.offsets[int(action)])
 
 
 class RelativeTargets(gym.ActionWrapper):
@@ -69,9 +73,7 @@ class RelativeTargets(gym.ActionWrapper):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (2,) or not np.all(np.isfinite(action)):
             raise ValueError(f"action must be 2 finite numbers, got {action!r}")
-        agent = self.env.unwrapped.fabric.observe()["agent_pos"].astype(np.float64)
-        target = agent + self.max_step_px * np.clip(action, -1.0, 1.0)
-        return pusht.target_to_action(np.clip(target, 0.0, pusht.WORLD_SIZE))
+        return _aim_from_pusher(self.env, self.max_step_px * np.clip(action, -1.0, 1.0))
 
 
 class PushTFeatures(gym.ObservationWrapper):
