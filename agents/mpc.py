@@ -155,10 +155,9 @@ def _principal_variation(tree, search: WorldSearch, first: int) -> list[np.ndarr
     actions = []
     node = int(tree.children_index[0, 0, first])
     while node >= 0:
-        visits = tree.children_visits[0, node]
-        if visits.max() <= 0:
+        index = tree.most_visited_child(0, node)
+        if index is None:
             break
-        index = int(np.argmax(visits))
         actions.append(search.action_of(tree.embeddings[0][node], index))
         node = int(tree.children_index[0, node, index])
     return actions

@@ -66,6 +66,13 @@ class Tree(Generic[T]):
     def replace(self, **changes: Any) -> Tree[T]:
         return dataclasses.replace(self, **changes)
 
+    def most_visited_child(self, b: int, node: int) -> int | None:
+        """The action to ``node``'s most visited expanded child in row ``b`` (the first on
+        a tie), or ``None`` at a leaf. Following it from the root gives the chosen path."""
+        counts = np.where(self.children_index[b, node] >= 0, self.children_visits[b, node], -1)
+        action = int(np.argmax(counts))
+        return action if counts[action] >= 0 else None
+
     def qvalues(self, indices: int | np.ndarray) -> np.ndarray:
         """Q-values ``r + discount * child value`` of the node ``indices[b]`` in each row.
 

@@ -193,11 +193,10 @@ class WorldSearch:
                 cid = tree.embeddings[b][node]
                 if cid in self.tree:
                     self.tree.update_node(cid, chosen=True)
-                kids = tree.children_index[b, node]
-                if (kids < 0).all():
+                action = tree.most_visited_child(b, node)
+                if action is None:
                     break
-                counts = np.where(kids >= 0, tree.children_visits[b, node], -1)
-                node = int(kids[int(np.argmax(counts))])
+                node = int(tree.children_index[b, node, action])
 
     def release(self) -> None:
         """Drop this search's own references (tree nodes keep theirs)."""
