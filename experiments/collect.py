@@ -1,9 +1,11 @@
 """Collect Push-T episodes from the ``pusht-sim`` backend for world-model training.
 
 Each episode: a random start (gym-pusht's distribution), a random prompt (goal), and a
-policy drawn per episode -- the scripted pusher with noise and random waypoints (most
-episodes), or smooth random motion (the rest) so the data also covers pushes that go
-wrong. One model frame holds the action for ``action_repeat`` control steps. Output: one
+policy drawn per episode -- *pokes* (the pusher goes to a random point of the T's outline
+and pushes through it in a random direction, again and again: most frames are contact,
+which is what a world model you plan in has to get right), the scripted pusher with noise
+and random waypoints, or smooth random motion (so the data also covers free motion and
+pushes that go wrong). One model frame holds the action for ``action_repeat`` control steps. Output: one
 ``.npz`` (no pickled objects) with, for ``E`` episodes of ``T`` frames:
 
     frames      uint8   [E, T, S, S, 3]   rendered by gym-pusht's renderer
@@ -13,7 +15,7 @@ wrong. One model frame holds the action for ``action_repeat`` control steps. Out
     coverage    float32 [E, T]            of the episode's goal
     success     bool    [E, T]
     prompt_id   int64   [E]               index into arcfab_gym.PROMPTS
-    policy_id   int64   [E]               0 scripted, 1 random motion
+    policy_id   int64   [E]               0 scripted, 1 random motion, 2 pokes
 
     python -m experiments.collect episodes=800 workers=2 out=data/pusht_train.npz
 """
@@ -47,8 +49,10 @@ class CollectConfig:
     """Control steps (0.1 s each) per frame."""
     frame_size: int = 64
     """Side of the rendered frames in pixels."""
-    random_policy_fraction: float = 0.2
-    """Share of episodes driven by smooth random motion instead of the scripted pusher."""
+    random_policy_fraction: float = 0.1
+    """Share of episodes driven by smooth random motion."""
+    poke_policy_fraction: float = 0.65
+    """Share of episodes driven by pokes at the T (the rest: the scripted pusher)."""
     seed: int = 0
     """Base seed; episode i uses seed + i, so runs extend reproducibly."""
     workers: int = 2
@@ -74,14 +78,87 @@ class SmoothRandom:
         return self.target.astype(np.float32)
 
 
+class Poke:
+    """Contact-heavy motion: pick a random point on the T's outline, go to a stand-off
+    point outside it along the outward normal, push through it in a direction within
+    45 degrees of the inward normal, repeat. Noise keeps the pushes diverse."""
+
+    #: The T's outline in body coordinates: 8 corners in order.
+    _OUTLINE = np.array([(-60, 0), (60, 0), (60, 30), (15, 30), (15, 120), (-15, 120),
+                         (-15, 30), (-60, 30)], dtype=np.float64)  # fmt: skip
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.noise_px = float(rng.uniform(1.0, 8.0))
+        self.phase, self.left, self.point, self.normal = "aim", 0, None, None
+        self.standoff, self.push_to = 30.0, None
+
+    def _pick(self, block_pose: np.ndarray) -> None:
+        v = self._OUTLINE
+        edges = np.roll(v, -1, axis=0) - v
+        length = np.linalg.norm(edges, axis=1)
+        k = self.rng.choice(len(v), p=length / length.sum())
+        local = v[k] + edges[k] * self.rng.random()
+        normal = np.array([edges[k, 1], -edges[k, 0]]) / length[k]
+        if point_in_outline(local + 2.0 * normal, v):  # keep it pointing out
+            normal = -normal
+        c, s = np.cos(block_pose[2]), np.sin(block_pose[2])
+        rot = np.array([[c, -s], [s, c]])
+        self.point = block_pose[:2] + rot @ local
+        self.normal = rot @ normal
+        self.standoff = self.rng.uniform(22, 45)
+        self.phase, self.left = "aim", 6
+
+    def _start_push(self) -> None:
+        ang = self.rng.uniform(-np.pi / 4, np.pi / 4)
+        c, s = np.cos(ang), np.sin(ang)
+        direction = -(np.array([[c, -s], [s, c]]) @ self.normal)
+        self.push_to = self.point + direction * self.rng.uniform(20, 90)
+        self.phase, self.left = "push", int(self.rng.integers(2, 6))
+
+    def __call__(self, obs) -> np.ndarray:
+        block = np.asarray(obs["block_pose"], dtype=np.float64)
+        agent = np.asarray(obs["agent_pos"], dtype=np.float64)
+        if self.point is None:
+            self._pick(block)
+        if self.phase == "aim":
+            stand = self.point + self.normal * self.standoff
+            self.left -= 1
+            if np.linalg.norm(agent - stand) < 12.0 or self.left < 0:
+                self._start_push()
+            target = stand
+        if self.phase == "push":
+            target = self.push_to
+            self.left -= 1
+            if self.left <= 0:
+                self._pick(block)
+        target = target + self.rng.normal(0.0, self.noise_px, size=2)
+        return pusht.target_to_action(np.clip(target, 0.0, pusht.WORLD_SIZE))
+
+
+def point_in_outline(p: np.ndarray, poly: np.ndarray) -> bool:
+    """Even-odd test of point ``p`` in polygon ``poly`` ``[N, 2]``."""
+    inside = False
+    for a, b in zip(poly, np.roll(poly, -1, axis=0)):
+        if (a[1] > p[1]) != (b[1] > p[1]):
+            x = a[0] + (p[1] - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
+            inside ^= bool(p[0] < x)
+    return inside
+
+
 def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
     seed = cfg.seed + index
     rng = np.random.default_rng(seed)
     prompt_id = int(rng.integers(len(pusht.PROMPTS)))
-    random_motion = rng.random() < cfg.random_policy_fraction
-    policy = SmoothRandom(rng) if random_motion else ScriptedPusher(
-        rng, noise_px=float(rng.uniform(2, 15)), waypoint_prob=float(rng.uniform(0.0, 0.06))
-    )
+    u = rng.random()
+    if u < cfg.random_policy_fraction:
+        policy_id, policy = 1, SmoothRandom(rng)
+    elif u < cfg.random_policy_fraction + cfg.poke_policy_fraction:
+        policy_id, policy = 2, Poke(rng)
+    else:
+        policy_id, policy = 0, ScriptedPusher(
+            rng, noise_px=float(rng.uniform(2, 15)), waypoint_prob=float(rng.uniform(0.0, 0.06))
+        )
     model = PushTSim(frame_size=cfg.frame_size, action_repeat=cfg.action_repeat)
     obs, info = model.start(pusht.PROMPTS[prompt_id], seed=seed)
     T = cfg.frames
@@ -106,7 +183,7 @@ def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
         step = model.step(action)
         obs, info = step.observation, step.info
     out["prompt_id"] = np.int64(prompt_id)
-    out["policy_id"] = np.int64(int(random_motion))
+    out["policy_id"] = np.int64(policy_id)
     model.close()
     return out
 

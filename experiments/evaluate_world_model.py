@@ -13,13 +13,18 @@ For each evaluated episode of ``test_data`` (from ``experiments.collect``):
   - ``psnr``: PSNR of the decoded frame (dB, higher is better);
   - ``changed_mse``: MSE over the pixels that really changed (value differs by more than
     0.05 in any channel between the last context frame and the target), all channels;
-  - ``block_pos_err_px`` / ``block_angle_err_rad``: the block-pose head's pose vs the real
-    one (angle wrapped to [0, pi]);
-  - ``agent_pos_err_px``: the model's pusher position vs the real one;
-  - ``coverage_abs_err``: the coverage head on the imagined frame vs the true coverage.
+  - ``block_pos_err_px`` / ``block_angle_err_rad``: the predicted task state's T pose vs
+    the real one (angle wrapped to [0, pi]);
+  - ``agent_pos_err_px``: the predicted pusher position vs the real one;
+  - ``coverage_abs_err``: the coverage of the predicted pose (the reward) vs the true one;
+  - ``frame_state_iou``: does the decoded frame show the T where the predicted state says?
+    The T found in the decoded frame by its colour, IoU with the T drawn at the predicted
+    pose. Its copy-last column is the metric's ceiling: the same test on the *real*
+    target frame against the real pose (the colour test and the 64 px grid lose a little).
 
-* **Reward head** on the frames written from real frames (the teacher-forced context):
-  coverage mean absolute error, and success AUC (rank-based; ``n/a`` with one class).
+* **Coverage head** (a diagnostic; the reward reads the state) on the frames written from
+  real frames: coverage mean absolute error, and success AUC (rank-based; ``n/a`` with
+  one class).
 
 Outputs in ``out_dir`` (default: the Hydra run directory): ``metrics.json``,
 ``metrics.md`` (the table), ``strip.png`` (real vs imagined, two episodes),
@@ -104,7 +109,12 @@ HORIZON_METRICS: tuple[tuple[str, str, bool], ...] = (
     ("block_angle_err_rad", "block angle error (rad)", False),
     ("agent_pos_err_px", "agent position error (px)", False),
     ("coverage_abs_err", "coverage abs. error", False),
+    ("frame_state_iou", "T in decoded frame vs state, IoU", True),
 )
+#: The T's colour in gym-pusht's frames (LightSlateGray) and the per-channel tolerance of
+#: the colour test that finds it in a (decoded) frame.
+T_COLOUR = np.array([119, 136, 153])
+T_COLOUR_TOLERANCE = 45
 SOURCES = ("model", "copy_last")
 
 
@@ -138,6 +148,25 @@ def masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     if not mask.any():
         return float("nan")
     return float(((pred - target) ** 2)[mask].mean())
+
+
+def t_mask_from_frame(frame: np.ndarray) -> np.ndarray:
+    """[H, W] bool: the pixels of a uint8 frame that have the T's colour."""
+    diff = np.abs(frame.astype(np.int16) - T_COLOUR).max(axis=-1)
+    return diff <= T_COLOUR_TOLERANCE
+
+
+def t_mask_at_pose(block_pose: np.ndarray, size: int) -> np.ndarray:
+    """[size, size] bool: the T drawn at ``block_pose`` (at least half of a pixel)."""
+    from arcfab_gym.models.mini_dreamzero import features
+
+    state = features.state_from_poses(np.zeros(2), np.asarray(block_pose, dtype=np.float64))
+    return features.state_map(torch.from_numpy(state)[None], size)[0, 0].numpy() >= 0.5
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else float("nan")
 
 
 def anchored_frame(real_last: np.ndarray, decoded_last: np.ndarray, decoded: np.ndarray) -> np.ndarray:
@@ -179,14 +208,14 @@ def rollout(model: MiniDreamZero, ep: dict[str, np.ndarray], prompt: str, s: int
             horizon: int, seed: int) -> tuple[np.ndarray, list[dict], list[np.ndarray]]:
     """Teacher-force frames s .. s+context-1, then imagine ``horizon`` frames.
 
-    Returns the records [context, 8] of the real (teacher-forced) frames (see
+    Returns the records [context, 9] of the real (teacher-forced) frames (see
     ``backend.FRAME_INFO_COLUMNS``), the info dicts of the imagined frames, and the
     imagined frames decoded (uint8)."""
-    frames, agent, actions = ep["frames"], ep["agent_pos"], ep["actions"]
-    model.start_from_frame(frames[s], agent[s], prompt=prompt, seed=seed)
+    frames, agent, block, actions = ep["frames"], ep["agent_pos"], ep["block_pose"], ep["actions"]
+    model.start_from_frame(frames[s], agent[s], block[s], prompt=prompt, seed=seed)
     for t in range(s + 1, s + context):
         model.step(actions[t - 1])
-        model.resync(frames[t], agent[t])
+        model.resync(frames[t], agent[t], block[t])
     real_records = model.extract_state().tensors["frame_info"].numpy()[-context:].copy()
     anchor = model.decode_frame(model.frame_count - 1)
     infos, imagined = [], []
@@ -280,9 +309,9 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
                 n_rollouts += 1
                 # The reward head on frames written from real frames.
                 ctx = slice(s, s + cfg.context)
-                cov_pred.extend(np.clip(records[:, 5], 0.0, 1.0).tolist())
+                cov_pred.extend(np.clip(records[:, 8], 0.0, 1.0).tolist())
                 cov_true.extend(ep["coverage"][ctx].tolist())
-                succ_prob.extend(records[:, 6].tolist())
+                succ_prob.extend(records[:, 8].tolist())
                 succ_true.extend(ep["success"][ctx].tolist())
                 last = s + cfg.context - 1
                 last_frame = _f(ep["frames"][last])
@@ -318,6 +347,11 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
                         abs(float(info["coverage"]) - float(ep["coverage"][tgt])))
                     m["coverage_abs_err"]["copy_last"].append(
                         abs(float(ep["coverage"][last]) - float(ep["coverage"][tgt])))
+                    size = pred.shape[0]
+                    m["frame_state_iou"]["model"].append(
+                        mask_iou(t_mask_from_frame(pred), t_mask_at_pose(bp, size)))
+                    m["frame_state_iou"]["copy_last"].append(
+                        mask_iou(t_mask_from_frame(real), t_mask_at_pose(pose, size)))
                 if want_strip:
                     n = min(STRIP_FRAMES, len(imagined))
                     strips.append((e, ep["frames"][last + 1 : last + 1 + n],
@@ -405,7 +439,7 @@ def markdown_table(metrics: dict, horizons: list[int]) -> str:
         "",
         f"- VAE reconstruction PSNR: {_fmt(vae['psnr'])} dB over {vae['n_frames']} frames "
         f"(min {_fmt(vae['psnr_min'])})",
-        f"- coverage head MAE on real frames: {_fmt(rh['coverage_mae'])} "
+        f"- coverage head (diagnostic) MAE on real frames: {_fmt(rh['coverage_mae'])} "
         f"(predicting the mean: {_fmt(rh['coverage_mae_mean_baseline'])}; {rh['n_frames']} frames)",
         f"- success AUC on real frames: {_fmt(rh['success_auc'])} "
         f"({rh['n_success_frames']} success frames of {rh['n_frames']})",
@@ -431,7 +465,7 @@ def strip_picture(strips: list[tuple[int, np.ndarray, np.ndarray]]) -> np.ndarra
 
 def fidelity_figure(metrics: dict, horizons: list[int]) -> Figure:
     fig = Figure(figsize=(12, 6.5), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
+    axes = fig.subplots(3, 3).ravel()
     for ax, (key, label, higher) in zip(axes, HORIZON_METRICS):
         for src, style in (("model", "o-"), ("copy_last", "s--")):
             ys = [metrics["horizons"][str(k)][key][src] for k in horizons]

@@ -299,6 +299,7 @@ class RealRecord:
     state: Any = None  # pusht-sim ModelState after the step, if an event changed it
     frame: Optional[np.ndarray] = None  # the real frame (learned models resync to it)
     agent_pos: Optional[np.ndarray] = None
+    block_pose: Optional[np.ndarray] = None
 
 
 class RecoveryAgent:
@@ -374,7 +375,9 @@ class RecoveryAgent:
             rec = RealRecord(np.asarray(action, dtype=np.float64).copy())
             if self.learned:
                 rec.frame = world.sim.decode_frame(world.sim.frame_count - 1)
-                rec.agent_pos = world.sim.observe()["agent_pos"].astype(np.float64)
+                obs = world.sim.observe()
+                rec.agent_pos = obs["agent_pos"].astype(np.float64)
+                rec.block_pose = obs["block_pose"].astype(np.float64)
             elif events:
                 rec.state = world.sim.extract_state()
             self.history.append(rec)
@@ -457,7 +460,7 @@ class RecoveryAgent:
         for rec in self.history:
             model.step(rec.action)
             if rec.frame is not None:
-                model.resync(frame=rec.frame, agent_pos=rec.agent_pos)
+                model.resync(frame=rec.frame, agent_pos=rec.agent_pos, block_pose=rec.block_pose)
             elif rec.state is not None:  # an exogenous event (a shove) the replay cannot make
                 model.load_state(rec.state)
         for action in prefix:

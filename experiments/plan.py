@@ -126,8 +126,10 @@ def sync(model, real: PushTSim, action: np.ndarray) -> StepOutput:
     if isinstance(model, PushTSim):
         model.load_state(real.extract_state())  # the simulator is exact: copy the state
     else:  # replace the prediction by what really happened
+        obs = real.observe()
         model.resync(frame=real.decode_frame(real.frame_count - 1),
-                     agent_pos=real.observe()["agent_pos"].astype(np.float64))
+                     agent_pos=obs["agent_pos"].astype(np.float64),
+                     block_pose=obs["block_pose"].astype(np.float64))
     return predicted
 
 

@@ -1,6 +1,8 @@
-"""Train ``mini-dreamzero`` on collected Push-T episodes: the VAE, then the dynamics.
+"""Train ``mini-dreamzero`` on collected Push-T episodes: the VAE, the state dynamics
+(the state token), then the video dynamics conditioned on the state.
 
     python -m experiments.train_world_model stage=vae minutes=15
+    python -m experiments.train_world_model stage=state minutes=10
     python -m experiments.train_world_model stage=dynamics minutes=55
     python -m experiments.train_world_model stage=all tiny=true      # seconds, for CI
 
@@ -30,7 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from arcfab_gym.models.mini_dreamzero.network import DynamicsConfig, WorldTransformer
+from arcfab_gym.models.mini_dreamzero.network import (
+    DynamicsConfig,
+    StateDynamics,
+    StateDynamicsConfig,
+    WorldTransformer,
+)
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig, frames_to_tensor, psnr
 
 
@@ -39,7 +46,7 @@ class TrainConfig:
     """Arguments of world-model training."""
 
     stage: str = "all"
-    """vae, dynamics, or all."""
+    """vae, state, dynamics, or all (the three in that order)."""
     train_data: Any = "data/pusht_train.npz"
     """Episodes from experiments.collect: one .npz, or a list of them (concatenated)."""
     test_data: str = "data/pusht_test.npz"
@@ -72,6 +79,12 @@ class TrainConfig:
     """Continue training the dynamics from the weights in this folder (same VAE)."""
     residual: bool = True
     """Flow target: the change from the previous latent (True) or the next latent itself."""
+    state_map: bool = True
+    """Condition every frame's tokens on a picture of its task state (the state token)."""
+    state_horizon: int = 8
+    """Frames the state dynamics is unrolled over in training (its own predictions fed back)."""
+    state_batch: int = 512
+    """Windows per step of the state dynamics."""
 
 
 ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
@@ -145,6 +158,108 @@ def train_vae(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> FrameVA
     return vae
 
 
+def _state_arrays(data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    from arcfab_gym.models.mini_dreamzero import features
+
+    return {
+        "state": torch.from_numpy(features.state_from_poses(data["agent_pos"], data["block_pose"])),
+        "actions": torch.from_numpy(data["actions"].astype(np.float32)),
+    }
+
+
+@torch.no_grad()
+def _open_loop_errors(model: StateDynamics, data: dict, horizons=(1, 4, 16)) -> dict[str, float]:
+    """Open-loop errors on held-out episodes from frame 1 (two real states): block
+    position (px), block angle (rad), pusher (px) at each horizon; copy-last beside."""
+    from arcfab_gym.models.mini_dreamzero import features
+
+    st, act = data["state"], data["actions"]
+    horizons = [k for k in horizons if k + 1 < st.shape[1]]
+    H = max(horizons, default=0)
+    prev, now = st[:, 0], st[:, 1]
+    out: dict[str, float] = {}
+    for k in range(1, H + 1):
+        prev, now = now, model(now, prev, act[:, k])
+        if k in horizons:
+            real = st[:, k + 1]
+            pa, pb = features.poses_from_state(now.numpy())
+            ra, rb = features.poses_from_state(real.numpy())
+            _, cb = features.poses_from_state(st[:, 1].numpy())
+            out[f"block_px/k{k}"] = float(np.linalg.norm(pb[:, :2] - rb[:, :2], axis=-1).mean())
+            out[f"block_rad/k{k}"] = float(np.mean(np.abs((pb[:, 2] - rb[:, 2] + np.pi) % (2 * np.pi) - np.pi)))
+            out[f"pusher_px/k{k}"] = float(np.linalg.norm(pa - ra, axis=-1).mean())
+            out[f"copy_last_block_px/k{k}"] = float(np.linalg.norm(cb[:, :2] - rb[:, :2], axis=-1).mean())
+    return out
+
+
+def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> StateDynamics:
+    """The state token's dynamics: an MLP over (state now, state before, action) trained
+    unrolled over ``state_horizon`` frames of its own predictions."""
+    from arcfab_gym.models.mini_dreamzero.training import (
+        measure_delta_scale,
+        state_dynamics_loss,
+        state_windows,
+    )
+
+    train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
+    test = _state_arrays(load_npz(cfg.test_data, cfg.tiny))
+    scfg = StateDynamicsConfig(hidden=32, layers=2) if cfg.tiny else StateDynamicsConfig()
+    model = StateDynamics(scfg)
+    model.delta_scale.copy_(measure_delta_scale(train))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-5)
+    rng = np.random.default_rng(cfg.seed)
+    horizon = min(cfg.state_horizon, train["state"].shape[1] - 2)
+    t0, step = time.perf_counter(), 0
+    bar = tqdm(desc="state", unit="step", total=None)
+    history: list[float] = []
+    first: list[float] = []
+    while _budget(cfg, t0, step) < 1.0:
+        frac = _budget(cfg, t0, step)
+        for g in opt.param_groups:
+            g["lr"] = _lr(frac, cfg.lr * 0.5)
+        # The unroll grows from 2 frames to the full horizon over the first third.
+        h = max(2, min(horizon, int(2 + (horizon - 2) * frac * 3)))
+        states, actions = state_windows(train, h, cfg.state_batch, rng)
+        loss, per_frame, err = state_dynamics_loss(model, states, actions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        history.append(loss.item())
+        first.append(per_frame[0].item())
+        if step % cfg.log_every == 0:
+            writer.add_scalar("state/loss", np.mean(history[-cfg.log_every:]), step)
+            # The first unrolled frame's loss: comparable while the unroll grows.
+            writer.add_scalar("state/loss_first_frame", np.mean(first[-cfg.log_every:]), step)
+            writer.add_scalar("state/unroll_frames", h, step)
+            writer.add_scalar("state/lr", opt.param_groups[0]["lr"], step)
+            writer.add_scalar("state/train_block_px_last_frame", err[-1].item(), step)
+        if step % (cfg.log_every * 10) == 0 or _budget(cfg, t0, step) >= 1.0:
+            model.eval()
+            errs = _open_loop_errors(model, test)
+            model.train()
+            for k, v in errs.items():
+                writer.add_scalar(f"state_heldout/{k}", v, step)
+            bar.set_postfix(loss=f"{np.mean(history[-cfg.log_every:]):.4f}",
+                            **{k.split("/")[1]: f"{v:.1f}px" for k, v in errs.items()
+                               if k.startswith("block_px/")})
+    bar.close()
+    model.eval()
+    errs = _open_loop_errors(model, test)
+    save_file(model.state_dict(), str(out_dir / "state_dynamics.safetensors"))
+    _update_config(out_dir, {
+        "state_dynamics": asdict(scfg),
+        "state_dynamics_training": {
+            "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "episodes": int(train["state"].shape[0]), "horizon": horizon,
+            "final_loss": float(np.mean(history[-50:])), "heldout": errs,
+        },
+    })  # fmt: skip
+    return model
+
+
 def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> WorldTransformer:
     # Imported here (not at module top) so a VAE-only run needs none of it; imported
     # eagerly here so a long run is not affected by later edits of the backend module.
@@ -166,13 +281,26 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     if cfg.init_from is not None:
         init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
         dcfg = DynamicsConfig(**init_meta["dynamics"])
+    if cfg.state_map != dcfg.state_map:
+        dcfg = dataclasses.replace(dcfg, state_map=cfg.state_map)
     if cfg.residual != dcfg.residual:
         z = train["z"]
         delta_scale = float((z[:, 1:] - z[:, :-1]).std()) if cfg.residual else 1.0
         dcfg = dataclasses.replace(dcfg, residual=cfg.residual, delta_scale=delta_scale)
+    state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
+    state_net.load_state_dict(load_file(str(out_dir / "state_dynamics.safetensors")))
+    state_net.eval()
     net = WorldTransformer(dcfg)
     if cfg.init_from is not None:
-        net.load_state_dict(load_file(str(Path(cfg.init_from) / "dynamics.safetensors")))
+        weights = load_file(str(Path(cfg.init_from) / "dynamics.safetensors"))
+        old = weights["in_proj.weight"]
+        if old.shape[1] < net.in_proj.weight.shape[1]:
+            # Weights trained without the state map: its input columns start at zero, so
+            # the network begins as the one it was and learns to read the map.
+            grown = torch.zeros_like(net.in_proj.weight)
+            grown[:, : old.shape[1]] = old
+            weights["in_proj.weight"] = grown
+        net.load_state_dict(weights)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-4)
     sampler = ClipSampler(train, cfg.clip_frames, np.random.default_rng(cfg.seed))
     test_sampler = ClipSampler(test, cfg.clip_frames, np.random.default_rng(cfg.seed + 1))
@@ -203,12 +331,14 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
                             held=f"{test_loss.item():.4f}")
         if step % cfg.image_every == 0 or _budget(cfg, t0, step) >= 1.0:
             net.eval()
-            strip = open_loop_rollout(net, vae, test, episode=0, start=4, horizon=12)
+            strip = open_loop_rollout(net, vae, state_net, test, episode=0, start=4, horizon=12)
             writer.add_image("dynamics/real_top_predicted_bottom", strip, step, dataformats="HWC")
     bar.close()
     save_file(net.state_dict(), str(out_dir / "dynamics.safetensors"))
     digest = hashlib.sha256((out_dir / "dynamics.safetensors").read_bytes())
     digest.update((out_dir / "vae.safetensors").read_bytes())
+    if (out_dir / "state_dynamics.safetensors").exists():
+        digest.update((out_dir / "state_dynamics.safetensors").read_bytes())
     _update_config(out_dir, {
         "dynamics": asdict(dcfg), "dynamics_steps": step,
         "dynamics_final_loss": float(np.mean(history[-50:])),
@@ -235,6 +365,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=1) + "\n```")
     if cfg.stage in ("vae", "all"):
         train_vae(cfg, writer, out_dir)
+    if cfg.stage in ("state", "all"):
+        train_state(cfg, writer, out_dir)
     if cfg.stage in ("dynamics", "all"):
         train_dynamics(cfg, writer, out_dir)
     writer.close()

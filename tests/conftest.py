@@ -16,7 +16,12 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
     """Write a tiny random-weight mini-dreamzero (VAE width 16, 2 layers of width 32)."""
     from safetensors.torch import save_file
 
-    from arcfab_gym.models.mini_dreamzero.network import DynamicsConfig, WorldTransformer
+    from arcfab_gym.models.mini_dreamzero.network import (
+        DynamicsConfig,
+        StateDynamics,
+        StateDynamicsConfig,
+        WorldTransformer,
+    )
     from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig
 
     state = torch.random.get_rng_state()
@@ -24,7 +29,10 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
         torch.manual_seed(seed)
         vae = FrameVAE(VAEConfig(width=16))
         net = WorldTransformer(DynamicsConfig(d_model=32, n_heads=2, n_layers=2, residual=True,
-                                              delta_scale=0.5))
+                                              delta_scale=0.5, state_map=True))
+        # The state dynamics: small random changes of the state (a few px a frame).
+        state_net = StateDynamics(StateDynamicsConfig(hidden=32, layers=2))
+        state_net.delta_scale.copy_(torch.tensor([0.02, 0.02, 0.01, 0.01, 0.02]))
         # The velocity head starts at zero (good for training, useless here: every frame
         # would be pure noise whatever the cache, prompt or action). Make it random too.
         torch.nn.init.normal_(net.velocity.weight, std=0.3)
@@ -35,8 +43,9 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
     out.mkdir(parents=True, exist_ok=True)
     save_file(vae.state_dict(), str(out / "vae.safetensors"))
     save_file(net.state_dict(), str(out / "dynamics.safetensors"))
+    save_file(state_net.state_dict(), str(out / "state_dynamics.safetensors"))
     cfg = {"vae": asdict(vae.cfg), "dynamics": asdict(net.cfg), "action_repeat": 4,
-           "weights_id": weights_id}  # fmt: skip
+           "state_dynamics": asdict(state_net.cfg), "weights_id": weights_id}  # fmt: skip
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 

@@ -133,7 +133,8 @@ def test_state_has_dreamzero_shape(tiny_model):
     assert meta["cache_start_frame"] == 0
     assert meta["prompt"] == P0 and meta["seed"] == 0
     assert meta["weights"] == TINY_WEIGHTS_ID
-    assert t["frame_info"].shape == (frames, 8)
+    assert t["frame_info"].shape == (frames, 9)
+    assert t["task_state"].shape == (frames, 6) and t["task_state"].dtype == torch.float32
 
 
 # --- reset rules ------------------------------------------------------------------------
@@ -607,13 +608,15 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     t_train = time.perf_counter() - t0 - t_collect
     print(f"collect {t_collect:.1f}s, train {t_train:.1f}s")
 
-    for f in ("vae.safetensors", "dynamics.safetensors", "config.json"):
+    for f in ("vae.safetensors", "state_dynamics.safetensors", "dynamics.safetensors", "config.json"):
         assert (out_dir / f).exists(), f
     meta = json.loads((out_dir / "config.json").read_text())
     assert meta["vae_steps"] == 60 and meta["dynamics_steps"] == 60
+    assert meta["state_dynamics_training"]["steps"] == 60
+    assert meta["dynamics"]["state_map"] is True
     assert meta["weights_id"] and meta["weights_id"] != TINY_WEIGHTS_ID
 
-    for tag in ("vae/loss", "dynamics/flow"):
+    for tag in ("vae/loss", "state/loss_first_frame", "dynamics/flow"):
         losses = _scalars(run_dir, tag)
         assert len(losses) == 12, tag
         first, last = np.mean(losses[:3]), np.mean(losses[-3:])
@@ -663,7 +666,7 @@ def test_step_batch_matches_single_steps_across_window_lengths(tiny_weights_dir)
 
 def test_residual_flow_target_round_trips_and_keeps_a_static_scene():
     from arcfab_gym.models.mini_dreamzero.network import DynamicsConfig
-    from arcfab_gym.models.mini_dreamzero.training import flow_target, latent_from_flow
+    from arcfab_gym.models.mini_dreamzero.features import flow_target, latent_from_flow
 
     cfg = DynamicsConfig(residual=True, delta_scale=0.25)
     prev, nxt = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)

@@ -232,24 +232,37 @@ class Session:
         return self._history[-1].checkpoint_id
 
     # --- keeping a model in step with the real world --------------------------------------
-    def resync(self, frame: np.ndarray, agent_pos: Any = None) -> dict[str, np.ndarray]:
-        """Replace the current frame with a real observation (an RGB frame the backend
-        encodes into its caches); returns the new observation. Backends that can do it
-        have a ``resync`` method (mini-dreamzero does)."""
-        return self._replace_current(frame=frame, agent_pos=agent_pos)
+    def resync(self, frame: np.ndarray, agent_pos: Any = None,
+               block_pose: Any = None) -> dict[str, np.ndarray]:
+        """Replace the current frame with a real observation: an RGB frame the backend
+        encodes into its caches, with the real task state (pusher position px, the T's
+        pose ``x, y, angle``; a part left None keeps the model's prediction). Returns the
+        new observation. Backends that can do it have a ``resync`` method (mini-dreamzero
+        does)."""
+        return self._replace_current(frame=frame, agent_pos=agent_pos, block_pose=block_pose)
 
-    def inject_latent(self, latent: Any, agent_pos: Any = None) -> dict[str, np.ndarray]:
-        """Replace the current frame with a supplied latent (bypassing the encoder)."""
-        return self._replace_current(latent=latent, agent_pos=agent_pos)
+    def inject_latent(self, latent: Any, agent_pos: Any = None,
+                      block_pose: Any = None) -> dict[str, np.ndarray]:
+        """Replace the current frame with a supplied latent (bypassing the encoder), and
+        optionally its task state."""
+        return self._replace_current(latent=latent, agent_pos=agent_pos, block_pose=block_pose)
+
+    def inject_state(self, agent_pos: Any = None, block_pose: Any = None) -> dict[str, np.ndarray]:
+        """Replace the current frame's task state (pusher and/or T pose) and keep its
+        latent: state injection, the hybrid-control verb beside :meth:`inject_latent`."""
+        return self._replace_current(verb="inject_state", agent_pos=agent_pos, block_pose=block_pose)
 
     def _replace_current(self, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Run the backend's ``verb`` (resync by default) on the current frame and make
+        the result the current history entry (a new, not yet checkpointed state)."""
         self._check_started()
-        if not hasattr(self.model, "resync"):
+        verb = kwargs.pop("verb", "resync")
+        if not hasattr(self.model, verb):
             raise NotImplementedError(
-                f"backend {self.model.name!r} cannot take a real frame or latent "
-                "(it has no resync method); restore a snapshot instead"
+                f"backend {self.model.name!r} cannot take a real frame, latent or state "
+                f"(it has no {verb} method); restore a snapshot instead"
             )
-        self.model.resync(**kwargs)
+        getattr(self.model, verb)(**kwargs)
         frame = self._history[-1]
         self._history[-1] = dataclasses.replace(
             frame, state=self.model.extract_state(), checkpoint_id=None

@@ -9,7 +9,17 @@ Its working state has DreamZero's shape (``WANPolicyHead.lazy_joint_video_action
 * ``crossattn_cache``: per layer, keys/values over the prompt tokens and ``clip_feas``;
 * ``clip_feas`` (first-frame image tokens) and ``ys`` (first-frame VAE latent);
 * the accumulated latent video, the language token ids (the reset key),
-  ``current_start_frame``, the seed and the torch RNG state.
+  ``current_start_frame``, the seed and the torch RNG state;
+* the **task state token** of every frame (``task_state``: pusher x, y and the T's x, y,
+  sin, cos; ``features`` has the layout), which DreamZero's state tokens stand for.
+
+Each frame the model first predicts the next task state (:class:`StateDynamics`, from the
+last two states and the action), then generates the next video latent *conditioned on
+that state* (a rasterised picture of it enters every frame token), and feeds the
+predicted state back as the next frame's input. Observation, reward and termination read
+the predicted state through the task's own geometry (``pusht.coverage``, the function
+pusht-sim uses), so a planner cannot exploit a learned reward head; the coverage head is
+kept as a diagnostic (``info["coverage_head"]``).
 
 **Checkpoints share their prefix.** Every cache block and every latent chunk is a tensor
 that is never written again once made (copy-on-write by construction: the live model
@@ -17,10 +27,11 @@ appends new tensors and drops references, it never edits one). ``extract_state``
 references, so a checkpoint costs O(new frames), and a tree of checkpoints holds each
 frame's bytes once; the store counts unique storage.
 
-Per call (``step``): the frozen cache is gathered once; the next frame's latent is
-denoised by few-step flow matching from seeded noise, with CFG over the two branches,
-conditioned on the action and the pusher state; then the new frame block is written into
-both caches, which also runs the heads (coverage, success, block pose, action proposals).
+Per call (``step``): the next task state is predicted; the frozen cache is gathered once;
+the next frame's latent is denoised by few-step flow matching from seeded noise, with CFG
+over the two branches, conditioned on the action, the pusher and the predicted state; then
+the new frame block is written into both caches, which also runs the heads (action
+proposals; coverage as a diagnostic).
 """
 
 from __future__ import annotations
@@ -38,17 +49,18 @@ from safetensors.torch import load_file
 
 from arcfab_gym.errors import InvalidActionError, StateMismatchError
 from arcfab_gym.models.base import ModelState, StepOutput, WorldModel
-from arcfab_gym.models.mini_dreamzero.network import (
-    DynamicsConfig,
-    WorldTransformer,
-    patchify,
-    unpatchify,
-)
-from arcfab_gym.models.mini_dreamzero.training import (
+from arcfab_gym.models.mini_dreamzero import features
+from arcfab_gym.models.mini_dreamzero.features import (
     flow_target,
     latent_from_flow,
-    normalise_pos,
-    state_features,
+    pusher_features,
+)
+from arcfab_gym.models.mini_dreamzero.network import (
+    DynamicsConfig,
+    StateDynamics,
+    StateDynamicsConfig,
+    WorldTransformer,
+    unpatchify,
 )
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig, frames_to_tensor
 from arcfab_gym.tasks import pusht
@@ -56,12 +68,15 @@ from arcfab_gym.tasks import pusht
 #: Frames per latent-video chunk: full chunks are shared between checkpoints, the last
 #: partial one is copied (at most LATENT_CHUNK - 1 frames).
 LATENT_CHUNK = 4
-#: Columns of the per-frame record: agent x, y; block x, y, angle; coverage; success
-#: probability; 1 if the frame came from the real world (encoded) rather than generated.
-FRAME_INFO_COLUMNS = 8
+#: Columns of the per-frame record: agent x, y; block x, y, angle (read from the task
+#: state); coverage of the goal by that pose; 1 if successful; 1 if the frame came from the
+#: real world (encoded) rather than generated; the coverage head's reading (diagnostic).
+FRAME_INFO_COLUMNS = 9
 #: Sampling settings for weights whose config.json recommends none.
 SAMPLING_DEFAULTS = {"cfg_scale": 1.5, "num_denoise_steps": 2, "warm_start": 0.0}
-STATE_VERSION = 2
+#: Version of the model state. 3: the task-state token (``task_state``) and the
+#: state-conditioned video; states of version 2 (no task state) cannot be read.
+STATE_VERSION = 3
 
 
 def default_weights_dir() -> Path:
@@ -74,6 +89,7 @@ class Weights:
 
     vae: FrameVAE
     net: WorldTransformer
+    state_net: StateDynamics
     meta: dict[str, Any]
     source: str
 
@@ -91,10 +107,19 @@ class Weights:
         vae.load_state_dict(load_file(str(root / "vae.safetensors")))
         net = WorldTransformer(DynamicsConfig(**meta["dynamics"]))
         net.load_state_dict(load_file(str(root / "dynamics.safetensors")))
-        for m in (vae, net):
+        if "state_dynamics" not in meta or not net.cfg.state_map:
+            raise FileNotFoundError(
+                f"the mini-dreamzero weights in {root} predate the task-state token (no "
+                "state_dynamics in config.json, or frames not conditioned on the state); "
+                "train them with `python -m experiments.train_world_model stage=state` and "
+                "`stage=dynamics state_map=true`"
+            )
+        state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
+        state_net.load_state_dict(load_file(str(root / "state_dynamics.safetensors")))
+        for m in (vae, net, state_net):
             m.eval()
             m.requires_grad_(False)
-        return cls(vae=vae, net=net, meta=meta, source=str(root))
+        return cls(vae=vae, net=net, state_net=state_net, meta=meta, source=str(root))
 
 
 class MiniDreamZero(WorldModel):
@@ -166,14 +191,15 @@ class MiniDreamZero(WorldModel):
         # Render the real first frame the way gym-pusht would show it.
         block = pusht.pose_for_state(initial_state)
         frame = self._renderer.render(initial_state[:2], block, pusht.goal_pose(prompt))
-        return self.start_from_frame(frame, initial_state[:2], prompt=prompt, seed=seed)
+        return self.start_from_frame(frame, initial_state[:2], block, prompt=prompt, seed=seed)
 
     @torch.no_grad()
-    def start_from_frame(self, frame: np.ndarray, agent_pos, *, prompt: str, seed: int):
-        """Begin a history from a real RGB frame ``[S, S, 3]`` and the pusher position."""
+    def start_from_frame(self, frame: np.ndarray, agent_pos, block_pose, *, prompt: str, seed: int):
+        """Begin a history from a real RGB frame ``[S, S, 3]`` and the real task state
+        (pusher position px, the T's pose ``x, y, angle``)."""
         self.check_prompt(prompt)
         frame = self._check_frame(frame)
-        agent = _check_agent_pos(agent_pos)
+        state = _task_state(agent_pos, block_pose)
         latent = self.vae.encode(frames_to_tensor(frame)[None])  # [1, C, S, S]
         self.last_reset_reason = self._reset_reason(self.net.tokenize([prompt])[0], n_input_frames=1)
         gen = torch.Generator()
@@ -182,7 +208,7 @@ class MiniDreamZero(WorldModel):
         w.clip_feas = self.net.encode_image(latent)
         self._encode_prompt(w, prompt)
         self._w = w
-        self._write([w], latent, agent[None], real=True)
+        self._write([w], latent, state[None], real=True)
         return self.observe(), self._frame_record_info()
 
     def step(self, action) -> StepOutput:
@@ -270,51 +296,50 @@ class MiniDreamZero(WorldModel):
 
     def _step_worlds(self, worlds: list[_World], actions: np.ndarray) -> None:
         with torch.no_grad():
-            latents, agents = self._generate(worlds, torch.tensor(actions, dtype=torch.float32))
-            self._write(worlds, latents, agents, real=False)
+            acts = torch.tensor(actions, dtype=torch.float32)
+            now = torch.from_numpy(np.stack([w.task[w.n - 1] for w in worlds]))
+            prev = torch.from_numpy(np.stack([w.task[max(w.n - 2, 0)] for w in worlds]))
+            nxt = self.weights.state_net(now, prev, acts)  # the state token, predicted
+            latents = self._generate(worlds, acts, now, prev, nxt)
+            self._write(worlds, latents, nxt.numpy(), real=False)
 
-    def _generate(self, worlds: list[_World], actions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Denoise each world's next frame (caches frozen): latents ``[B, C, S, S]`` and the
-        next pusher positions ``[B, 2]`` (px)."""
+    def _generate(self, worlds: list[_World], actions: torch.Tensor, now: torch.Tensor,
+                  prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Denoise each world's next frame (caches frozen), conditioned on the action, the
+        pusher and the predicted next task state ``nxt`` ``[B, 6]``: latents ``[B, C, S, S]``."""
         net, c = self.net, self.net.cfg
         tf, B = c.tokens_per_frame, len(worlds)
         caches, cross, mask = self._gather(worlds, max_frames=None, new_tokens=tf + 2)
-        cur = np.stack([w.info[w.n - 1, 0:2] for w in worlds])
-        prev = np.stack([w.info[max(w.n - 2, 0), 0:2] for w in worlds])
-        state = state_features(
-            torch.tensor(normalise_pos(cur), dtype=torch.float32),
-            torch.tensor(normalise_pos(prev), dtype=torch.float32),
-        )
-        ctrl = net.control_tokens(actions, state).repeat_interleave(2, dim=0)  # [2B, 2, d]
+        pusher = pusher_features(now[:, 0:2], prev[:, 0:2])
+        ctrl = net.control_tokens(actions, pusher).repeat_interleave(2, dim=0)  # [2B, 2, d]
+        smap = net.map_tokens(nxt).repeat_interleave(2, dim=0)
         ys = torch.cat([w.ys for w in worlds]).repeat_interleave(2, dim=0)
         pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None]
         pos = pos.expand(2 * B, tf + 2)
         shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
         t0 = self.warm_start
-        prev = torch.stack([w.chunks[-1][-1] for w in worlds])
+        z_prev = torch.stack([w.chunks[-1][-1] for w in worlds])
         if t0 > 0:
             # SDEdit-style: start the flow at t0 from "no change" -- the previous frame
             # (or, for a residual flow, a zero change), noised -- rather than from pure
             # noise: consecutive frames differ little.
-            x = t0 * flow_target(c, prev, prev) + (1 - t0) * x
+            x = t0 * flow_target(c, z_prev, z_prev) + (1 - t0) * x
         n = self.num_denoise_steps
-        agent = None
         for i in range(n):
             t = torch.full((2 * B,), t0 + (1 - t0) * i / n)
-            tokens = net.frame_tokens(x.repeat_interleave(2, dim=0), ys, t)
+            tokens = net.frame_tokens(x.repeat_interleave(2, dim=0), ys, t, smap)
             hidden, _ = net.run(torch.cat([tokens, ctrl], dim=1), pos, cross, caches, mask)
             v = net.velocity(hidden[:, :tf]).view(B, 2, tf, -1)
             v = v[:, 1] + self.cfg_scale * (v[:, 0] - v[:, 1]) if self.cfg_scale != 1.0 else v[:, 0]
             x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) * ((1 - t0) / n)
-            agent = net.next_agent(hidden[0::2, tf + 1])
-        agent_px = (agent.numpy().astype(np.float64) + 1.0) * (pusht.WORLD_SIZE / 2)
-        return latent_from_flow(c, x, prev), agent_px
+        return latent_from_flow(c, x, z_prev)
 
-    def _write(self, worlds: list[_World], latents: torch.Tensor, agents: np.ndarray,
+    def _write(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray,
                *, real: bool) -> None:
-        """Write each world's new frame ``latents[b]`` into both of its caches, run the
-        heads, and append the frame (new tensors and lists only; nothing is edited)."""
+        """Write each world's new frame ``latents[b]`` with its task state ``states[b]``
+        ``[6]`` into both of its caches, run the heads, and append the frame (new tensors
+        and lists only; nothing is edited)."""
         net, c = self.net, self.net.cfg
         tf, B = c.tokens_per_frame, len(worlds)
         # A frame sees at most local_attn_size - 1 earlier frames (with itself: the
@@ -322,7 +347,9 @@ class MiniDreamZero(WorldModel):
         # context the original write saw.
         caches, cross, mask = self._gather(worlds, max_frames=self.local_attn_size - 1, new_tokens=tf)
         ys = torch.cat([w.ys for w in worlds]).repeat_interleave(2, dim=0)
-        tokens = net.frame_tokens(latents.repeat_interleave(2, dim=0), ys, torch.ones(2 * B))
+        states = np.asarray(states, dtype=np.float32)
+        smap = net.map_tokens(torch.from_numpy(states)).repeat_interleave(2, dim=0)
+        tokens = net.frame_tokens(latents.repeat_interleave(2, dim=0), ys, torch.ones(2 * B), smap)
         pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None].expand(2 * B, tf)
         hidden, kvs = net.run(tokens, pos, cross, caches, mask)
         k_all = torch.stack([k for k, _ in kvs])  # [layers, 2B, H, T_F, hd]
@@ -331,9 +358,8 @@ class MiniDreamZero(WorldModel):
         proposal = torch.cat(
             [heads["mdn_logits"][..., None], heads["mdn_mean"], heads["mdn_log_std"]], dim=-1
         )  # [B, n_mixture, 5]
-        bp = heads["block_pose"].numpy().astype(np.float64)  # [B, 4]
-        cov = heads["coverage"].numpy().astype(np.float64)
-        succ = torch.sigmoid(heads["success_logit"]).numpy().astype(np.float64)
+        cov_head = heads["coverage"].numpy().astype(np.float64)
+        agents, blocks = features.poses_from_state(states)
         for b, w in enumerate(worlds):
             # [layers, 2 (k, v), 2 (branch), H, T_F, hd]: one immutable block per frame.
             block = torch.stack([k_all[:, 2 * b : 2 * b + 2], v_all[:, 2 * b : 2 * b + 2]], dim=1)
@@ -343,18 +369,21 @@ class MiniDreamZero(WorldModel):
                 w.blocks = w.blocks[drop:]
                 w.cache_start += drop
             w.proposal = proposal[b].clone()
-            angle = math.atan2(bp[b, 2], bp[b, 3]) % (2 * math.pi)
-            # Predicted positions are kept inside the workspace, where the real ones are.
-            agent = np.clip(agents[b], 0.0, pusht.WORLD_SIZE)
-            bx, by = np.clip((bp[b, :2] + 1) * (pusht.WORLD_SIZE / 2), 0.0, pusht.WORLD_SIZE)
-            w.append_info([agent[0], agent[1], bx, by, angle, cov[b], succ[b], float(real)])
+            # Reward and success: the task's own geometry applied to the state's pose.
+            goal = pusht.goal_pose(w.prompt)
+            cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
+            success = float(cov > pusht.SUCCESS_THRESHOLD)
+            w.append_frame(states[b], [*agents[b], *blocks[b], cov, success, float(real), cov_head[b]])
             w.append_latent(latents[b])
 
-    # --- real-world synchronisation ---------------------------------------------------------
+    # --- real-world synchronisation (hybrid control) ------------------------------------
     @torch.no_grad()
-    def resync(self, frame: np.ndarray | None = None, agent_pos=None, *, latent: torch.Tensor | None = None) -> None:
+    def resync(self, frame: np.ndarray | None = None, agent_pos=None, block_pose=None, *,
+               latent: torch.Tensor | None = None) -> None:
         """Replace the current frame with a real one (an RGB frame, encoded) or a given
-        latent ``[C, S, S]`` (latent injection), and rewrite it into the caches."""
+        latent ``[C, S, S]`` (latent injection), and its task state with the real one
+        (``agent_pos`` px and ``block_pose`` x, y, angle; each left as predicted when
+        None), and rewrite it into the caches."""
         self._require_started()
         if (frame is None) == (latent is None):
             raise ValueError("resync needs exactly one of frame= or latent=")
@@ -367,18 +396,34 @@ class MiniDreamZero(WorldModel):
                 f"latent must have shape ({c.latent_channels}, {c.latent_size}, "
                 f"{c.latent_size}), got {tuple(latent.shape)}"
             )
-        w = self._w
-        agent = w.info[w.n - 1, 0:2].copy() if agent_pos is None else _check_agent_pos(agent_pos)
-        self._rewrite_current(latent, agent, real=frame is not None)
+        self._rewrite_current(latent, self._merged_state(agent_pos, block_pose), real=frame is not None)
 
-    def _rewrite_current(self, latent: torch.Tensor, agent: np.ndarray, real: bool) -> None:
-        """Drop the current frame's block, latent and record; write ``latent`` instead."""
+    @torch.no_grad()
+    def inject_state(self, agent_pos=None, block_pose=None) -> None:
+        """Replace the current frame's task state (either part; None keeps the predicted
+        one) and rewrite the frame into the caches with its latent unchanged: state
+        injection, the hybrid-control verb beside latent injection."""
+        self._require_started()
+        w = self._w
+        self._rewrite_current(self.latent(w.n - 1), self._merged_state(agent_pos, block_pose),
+                              real=bool(w.info[w.n - 1, 7]))  # fmt: skip
+
+    def _merged_state(self, agent_pos, block_pose) -> np.ndarray:
+        w = self._w
+        agent, block = features.poses_from_state(w.task[w.n - 1])
+        agent = agent if agent_pos is None else agent_pos
+        block = block if block_pose is None else block_pose
+        return _task_state(agent, block)
+
+    def _rewrite_current(self, latent: torch.Tensor, state: np.ndarray, real: bool) -> None:
+        """Drop the current frame's block, latent and record; write ``latent`` with task
+        state ``state`` instead."""
         w = self._w
         w.n -= 1
         w.blocks = w.blocks[:-1]
         tail = w.chunks[-1][:-1]
         w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
-        self._write([w], latent[None], agent[None], real=real)
+        self._write([w], latent[None], state[None], real=real)
 
     # --- state -------------------------------------------------------------------------------
     def _state_of(self, w: _World) -> ModelState:
@@ -390,7 +435,8 @@ class MiniDreamZero(WorldModel):
             "clip_feas": w.clip_feas,  # [1, n_img, d]
             "crossattn_cache": w.cross,  # [layers, 2, 2, H, Lc, hd]
             "rng_state": w.gen.get_state(),  # uint8
-            "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 8] float64
+            "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 9] float64
+            "task_state": torch.from_numpy(w.task[: w.n].copy()),  # [T, 6] float32
             "proposal": w.proposal,  # [n_mixture, 5]
         }
         for k, block in enumerate(w.blocks):
@@ -415,16 +461,26 @@ class MiniDreamZero(WorldModel):
 
     def _world_from_state(self, state: ModelState, *, include_rng: bool) -> _World:
         t, meta = state.tensors, state.meta
-        if meta.get("state_version") != STATE_VERSION or "language_ids" not in t:
-            raise StateMismatchError(f"not a {self.name} state (version {meta.get('state_version')})")
+        version = meta.get("state_version")
+        if version != STATE_VERSION:
+            hint = (" (written before the task-state token; re-create it with these weights)"
+                    if isinstance(version, int) and version < STATE_VERSION else "")
+            raise StateMismatchError(
+                f"not a {self.name} state of version {STATE_VERSION}: this one has state "
+                f"version {version}{hint}"
+            )
+        missing = [k for k in ("language_ids", "task_state", "frame_info") if k not in t]
+        if missing:
+            raise StateMismatchError(f"{self.name} state of version {version} lacks {missing}")
         if meta.get("weights", "") != self.weights.meta.get("weights_id", ""):
             raise StateMismatchError(
                 f"state was made by weights {meta.get('weights')!r}, this model has "
                 f"{self.weights.meta.get('weights_id')!r}"
             )
         self.check_prompt(meta["prompt"])
-        if len(t["frame_info"]) != int(meta["current_start_frame"]):
-            raise StateMismatchError("frame_info and current_start_frame disagree")
+        n = int(meta["current_start_frame"])
+        if len(t["frame_info"]) != n or tuple(t["task_state"].shape) != (n, features.STATE_DIM):
+            raise StateMismatchError("frame_info, task_state and current_start_frame disagree")
         gen = torch.Generator()
         if include_rng:
             gen.set_state(t["rng_state"].clone())
@@ -438,7 +494,7 @@ class MiniDreamZero(WorldModel):
         w.blocks = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache/"))]
         w.cache_start = int(meta["cache_start_frame"])
         w.chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        w.set_info(t["frame_info"].numpy())
+        w.set_frames(t["task_state"].numpy(), t["frame_info"].numpy())
         w.proposal = t["proposal"]
         return w
 
@@ -458,8 +514,7 @@ class MiniDreamZero(WorldModel):
             # Rewrite the current frame under the new prompt: its cache block and its head
             # outputs (coverage is about the new goal) follow the new conditioning.
             w = self._w
-            row = w.info[w.n - 1]
-            self._rewrite_current(self.latent(w.n - 1), row[0:2].copy(), bool(row[7]))
+            self._rewrite_current(self.latent(w.n - 1), w.task[w.n - 1].copy(), bool(w.info[w.n - 1, 7]))
 
     def set_seed(self, seed: int) -> None:
         self._require_started()
@@ -563,7 +618,7 @@ class MiniDreamZero(WorldModel):
         return StepOutput(
             observation=self._observe(w),
             reward=pusht.reward_from_coverage(info["coverage"]),
-            terminated=bool(info["success_prob"] > 0.5),
+            terminated=info["is_success"],
             info=info,
         )
 
@@ -579,13 +634,13 @@ class MiniDreamZero(WorldModel):
         w = w or self._w
         row = w.info[w.n - 1]
         return {
-            "coverage": float(np.clip(row[5], 0.0, 1.0)),
+            "coverage": float(row[5]),
             "is_success": bool(row[6] > 0.5),
-            "success_prob": float(row[6]),
             "agent_pos": row[0:2].copy(),
             "block_pose": row[2:5].copy(),
             "goal_pose": pusht.goal_pose(w.prompt),
             "real_frame": bool(row[7]),
+            "coverage_head": float(np.clip(row[8], 0.0, 1.0)),
         }
 
 
@@ -603,20 +658,23 @@ class _World:
         self.blocks: list[torch.Tensor] = []  # per cached frame [layers, 2, 2, H, T_F, hd]
         self.cache_start = 0  # frame index of blocks[0]
         self.chunks: list[torch.Tensor] = []  # latent video, [<=LATENT_CHUNK, C, S, S] each
-        self.info = np.zeros((0, FRAME_INFO_COLUMNS))  # [capacity, 8]; rows [:n] are valid
+        self.info = np.zeros((0, FRAME_INFO_COLUMNS))  # [capacity, 9]; rows [:n] are valid
+        self.task = np.zeros((0, features.STATE_DIM), np.float32)  # the task state per frame
         self.n = 0  # frames in the history
         self.proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
 
-    def set_info(self, rows: np.ndarray) -> None:
-        self.info = np.array(rows, dtype=np.float64, copy=True)  # owned, never shared
+    def set_frames(self, task: np.ndarray, rows: np.ndarray) -> None:
+        self.task = np.array(task, dtype=np.float32, copy=True)  # owned, never shared
+        self.info = np.array(rows, dtype=np.float64, copy=True)
         self.n = len(rows)
 
-    def append_info(self, row) -> None:
+    def append_frame(self, task, row) -> None:
         if self.n == len(self.info):
-            grown = np.zeros((max(32, 2 * len(self.info)), FRAME_INFO_COLUMNS))
-            grown[: self.n] = self.info[: self.n]
-            self.info = grown
+            cap = max(32, 2 * len(self.info))
+            self.info = np.concatenate([self.info[: self.n], np.zeros((cap - self.n, FRAME_INFO_COLUMNS))])
+            self.task = np.concatenate([self.task[: self.n], np.zeros((cap - self.n, features.STATE_DIM), np.float32)])
         self.info[self.n] = row
+        self.task[self.n] = task
         self.n += 1
 
     def append_latent(self, latent: torch.Tensor) -> None:
@@ -628,11 +686,18 @@ class _World:
             self.chunks = self.chunks + [lat]
 
 
-def _check_agent_pos(agent_pos) -> np.ndarray:
+def _finite(value, n: int, name: str, unit: str) -> np.ndarray:
     try:
-        agent = np.asarray(agent_pos, dtype=np.float64)
+        arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        agent = np.full(0, np.nan)
-    if agent.shape != (2,) or not np.all(np.isfinite(agent)):
-        raise ValueError(f"agent_pos must be 2 finite numbers (px), got {agent_pos!r}")
-    return agent
+        arr = np.full(0, np.nan)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be {n} finite numbers ({unit}), got {value!r}")
+    return arr
+
+
+def _task_state(agent_pos, block_pose) -> np.ndarray:
+    """Checked pusher position and T pose -> the task state token ``[6]`` float32."""
+    agent = _finite(agent_pos, 2, "agent_pos", "px")
+    block = _finite(block_pose, 3, "block_pose", "x, y px and angle rad")
+    return features.state_from_poses(agent, block)

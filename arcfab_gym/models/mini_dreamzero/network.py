@@ -15,6 +15,12 @@ Two passes share the weights:
   to the frozen cache and to themselves, and predict the flow-matching velocity; the state
   token predicts the next pusher position. Action and state tokens are never cached.
 
+With ``state_map`` on, every frame's tokens also read a rasterised picture of that
+frame's task state (``features.state_map``): a clean frame its own state, the frame being
+denoised the next state that :class:`StateDynamics` predicted. The latent is generated
+*conditioned on the predicted state*, so the decoded frame shows the T where the state
+says it is.
+
 Training runs both passes at once over a clip with a block-causal mask (teacher forcing).
 """
 
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arcfab_gym.models.mini_dreamzero import features
 from arcfab_gym.tasks import pusht
 
 _PAD, _NULL = 0, 1
@@ -57,6 +64,8 @@ class DynamicsConfig:
     # sampling noise cannot blur them.
     residual: bool = False
     delta_scale: float = 1.0
+    # Frame tokens read a rasterised picture of the frame's task state (features.state_map).
+    state_map: bool = False
     prompts: tuple[str, ...] = pusht.PROMPTS
     vocab: tuple[str, ...] = field(default_factory=tuple)
 
@@ -77,6 +86,44 @@ class DynamicsConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def map_patch(self) -> int:
+        return features.MAP_SIZE // (self.latent_size // self.patch)
+
+    @property
+    def map_dim(self) -> int:
+        return features.MAP_CHANNELS * self.map_patch**2 if self.state_map else 0
+
+
+@dataclass
+class StateDynamicsConfig:
+    hidden: int = 512
+    layers: int = 3
+
+
+class StateDynamics(nn.Module):
+    """The state token's dynamics: from the task state now and one frame before and the
+    action, the next task state (``features`` has the layout). An MLP predicts the scaled
+    change (``features.DELTA_NAMES``); ``delta_scale`` (a buffer, saved with the weights)
+    holds the per-column scales measured on the training data."""
+
+    def __init__(self, cfg: StateDynamicsConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or StateDynamicsConfig()
+        dims = [features.DYNAMICS_INPUT_DIM] + [cfg.hidden] * cfg.layers
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], features.DELTA_DIM))
+        self.register_buffer("delta_scale", torch.ones(features.DELTA_DIM))
+
+    def scaled_delta(self, now, prev, action) -> torch.Tensor:
+        return self.mlp(features.dynamics_input(now, prev, action))
+
+    def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """``[B, 6]``, ``[B, 6]``, ``[B, 2]`` -> the next state ``[B, 6]``."""
+        return features.apply_delta(now, self.scaled_delta(now, prev, action) * self.delta_scale)
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
@@ -189,7 +236,7 @@ class WorldTransformer(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_tokens, d))
         self.img_proj = nn.Linear(cfg.latent_channels * (cfg.latent_size // 2) ** 2, d)
         self.img_pos = nn.Parameter(torch.zeros(cfg.n_image_tokens, d))
-        self.in_proj = nn.Linear(2 * P, d)  # [latent patch, ys patch]
+        self.in_proj = nn.Linear(2 * P + cfg.map_dim, d)  # [latent patch, ys patch, state map]
         self.spatial = nn.Parameter(torch.randn(tf, d) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(64, d), nn.SiLU(), nn.Linear(d, d))
         self.action_in = nn.Linear(2, d)
@@ -236,13 +283,24 @@ class WorldTransformer(nn.Module):
         return [blk.cross_kv(ctx) for blk in self.blocks]
 
     # --- token builders -------------------------------------------------------------------
-    def frame_tokens(self, latent: torch.Tensor, ys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def map_tokens(self, state: torch.Tensor) -> torch.Tensor:
+        """Task states [B, 6] -> their state maps, patchified like the latent [B, T_F, M]."""
+        return patchify(features.state_map(state), self.cfg.map_patch)
+
+    def frame_tokens(self, latent: torch.Tensor, ys: torch.Tensor, t: torch.Tensor,
+                     smap: torch.Tensor | None = None) -> torch.Tensor:
         """latent, ys [B, C, S, S] (or already patchified [B, T_F, P]); t [B] noise level
-        (1 = clean) -> [B, T_F, d]."""
+        (1 = clean); smap [B, T_F, M] the frame's state map tokens (``state_map`` weights
+        only) -> [B, T_F, d]."""
         p = self.cfg.patch
         lat = latent if latent.dim() == 3 else patchify(latent, p)
         y = ys if ys.dim() == 3 else patchify(ys, p)
-        x = self.in_proj(torch.cat([lat, y], dim=-1)) + self.spatial
+        parts = [lat, y]
+        if self.cfg.state_map:
+            if smap is None:
+                raise ValueError("these weights condition frames on the task state: pass smap")
+            parts.append(smap)
+        x = self.in_proj(torch.cat(parts, dim=-1)) + self.spatial
         return x + self.time_mlp(sinusoid(t, 64))[:, None]
 
     def control_tokens(self, action: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Training pieces for mini-dreamzero's dynamics: data encoding, clip sampling, and the
-teacher-forced flow-matching loss over a block-causal sequence."""
+"""Training pieces for mini-dreamzero: data encoding, clip sampling, the teacher-forced
+flow-matching loss over a block-causal sequence, and the unrolled loss of the state
+dynamics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arcfab_gym.models.mini_dreamzero.network import WorldTransformer, patchify
+from arcfab_gym.models.mini_dreamzero import features
+from arcfab_gym.models.mini_dreamzero.features import (
+    flow_target,
+    normalise_pos,
+    pusher_features,
+)
+from arcfab_gym.models.mini_dreamzero.network import StateDynamics, WorldTransformer, patchify
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, frames_to_tensor
 from arcfab_gym.tasks import pusht
 
@@ -20,9 +27,9 @@ CONTEXT_NOISE = 0.1
 TEXT_DROPOUT = 0.1
 
 
-def normalise_pos(xy: np.ndarray) -> np.ndarray:
-    """px in [0, 512] -> [-1, 1]."""
-    return xy / (pusht.WORLD_SIZE / 2) - 1.0
+#: Jitter of the teacher-forced state maps in training (px, rad), so the video follows a
+#: predicted state that is a little off.
+STATE_MAP_JITTER = (4.0, 0.05)
 
 
 def block_features(pose: np.ndarray) -> np.ndarray:
@@ -51,6 +58,7 @@ def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512
         "agent": torch.from_numpy(normalise_pos(data["agent_pos"]).astype(np.float32)),
         "actions": torch.from_numpy(data["actions"].astype(np.float32)),  # [E, T-1, 2]
         "block": torch.from_numpy(block_features(poses)),  # [E, T, 4]
+        "state": torch.from_numpy(features.state_from_poses(data["agent_pos"], poses)),  # [E, T, 6]
         "coverage": torch.from_numpy(cov),  # [E, T, n_prompts]
         "prompt_id": torch.from_numpy(data["prompt_id"].astype(np.int64)),
         "frames": frames,
@@ -80,6 +88,7 @@ class ClipSampler:
             "agent_prev": d["agent"][ee, prev],  # [B, T, 2]
             "actions": d["actions"][ee, idx[:, :-1]],  # [B, T-1, 2]
             "block": d["block"][ee, idx],  # [B, T, 4]
+            "state": d["state"][ee, idx],  # [B, T, 6]
             "coverage": d["coverage"][ee, idx],  # [B, T, P]
             "prompt_id": d["prompt_id"][e],  # [B]
             "start": s,  # [B]
@@ -103,21 +112,6 @@ def training_mask(n_blocks: int, tf: int) -> torch.Tensor:
     return mask
 
 
-def flow_target(cfg, z_next: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
-    """What the flow generates for ``z_next``: the latent itself, or (``cfg.residual``) the
-    scaled change from ``z_prev``. ``latent_from_flow`` inverts it."""
-    return (z_next - z_prev) / cfg.delta_scale if cfg.residual else z_next
-
-
-def latent_from_flow(cfg, x: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
-    return z_prev + cfg.delta_scale * x if cfg.residual else x
-
-
-def state_features(agent: torch.Tensor, agent_prev: torch.Tensor) -> torch.Tensor:
-    """The state token's input: the pusher now and one frame before, [..., 4]."""
-    return torch.cat([agent, agent_prev], dim=-1)
-
-
 def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     cfg = net.cfg
     z, ys = batch["z"], batch["ys"]
@@ -130,7 +124,11 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
     # Clean context blocks 0..T-2, slightly noised.
     sigma = torch.rand(B, 1, 1, 1, 1) * CONTEXT_NOISE if net.training else torch.zeros(B, 1, 1, 1, 1)
     zc = z[:, :n] + sigma * torch.randn_like(z[:, :n])
-    clean = net.frame_tokens(zc.flatten(0, 1), ys_rep, torch.ones(B * n)).view(B, n * tf, d)
+    smap_clean = smap_next = None
+    if cfg.state_map:
+        maps = net.map_tokens(jitter_states(batch["state"]).flatten(0, 1)).view(B, T, tf, -1)
+        smap_clean, smap_next = maps[:, :n].flatten(0, 1), maps[:, 1:].flatten(0, 1)
+    clean = net.frame_tokens(zc.flatten(0, 1), ys_rep, torch.ones(B * n), smap_clean).view(B, n * tf, d)
     # Noisy blocks 1..T-1 (flow matching: x_t = t x1 + (1 - t) eps, velocity x1 - eps).
     x1 = flow_target(cfg, z[:, 1:], z[:, :n])
     eps = torch.randn_like(x1)
@@ -140,8 +138,8 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
     t = torch.where(torch.rand(B, n) < 0.5, torch.sigmoid(torch.randn(B, n) * 1.2 + 0.3),
                     torch.rand(B, n))
     xt = t[..., None, None, None] * x1 + (1 - t[..., None, None, None]) * eps
-    noisy = net.frame_tokens(xt.flatten(0, 1), ys_rep, t.flatten()).view(B, n, tf, d)
-    state = state_features(batch["agent"][:, :n], batch["agent_prev"][:, :n])
+    noisy = net.frame_tokens(xt.flatten(0, 1), ys_rep, t.flatten(), smap_next).view(B, n, tf, d)
+    state = pusher_features(batch["agent"][:, :n], batch["agent_prev"][:, :n])
     ctrl = net.control_tokens(batch["actions"].flatten(0, 1), state.flatten(0, 1)).view(B, n, 2, d)
     seq = torch.cat([clean, torch.cat([noisy, ctrl], dim=2).view(B, n * (tf + 2), d)], dim=1)
     offset = batch["start"].float()[:, None]
@@ -177,6 +175,53 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
     return loss, parts
 
 
+def jitter_states(state: torch.Tensor) -> torch.Tensor:
+    """States ``[..., 6]`` moved by ``STATE_MAP_JITTER`` (positions px, angle rad)."""
+    pos_px, ang = STATE_MAP_JITTER
+    out = state.clone()
+    out[..., 0:4] += torch.randn_like(out[..., 0:4]) * (pos_px / (pusht.WORLD_SIZE / 2))
+    theta = torch.atan2(state[..., 4], state[..., 5]) + torch.randn_like(state[..., 4]) * ang
+    out[..., 4], out[..., 5] = torch.sin(theta), torch.cos(theta)
+    return out
+
+
+def state_windows(data: dict, horizon: int, batch: int, rng: np.random.Generator):
+    """Random windows of ``horizon + 2`` states ``[B, H+2, 6]`` and their ``horizon``
+    actions ``[B, H, 2]`` (action k leads from state k+1 to k+2)."""
+    states, actions = data["state"], data["actions"]
+    E, T = states.shape[:2]
+    e = torch.from_numpy(rng.integers(E, size=batch))[:, None]
+    s = torch.from_numpy(rng.integers(T - horizon - 1, size=batch))[:, None]
+    idx = s + torch.arange(horizon + 2)
+    return states[e, idx], actions[e, idx[:, 1:-1]]
+
+
+def state_dynamics_loss(model: StateDynamics, states: torch.Tensor, actions: torch.Tensor):
+    """Unrolled loss over ``H`` frames: from the two real states at the start, the model
+    feeds its own predictions back; at every frame its scaled change is compared with the
+    change that would lead from *its* current state to the real next one (so it learns to
+    correct its own drift). Returns the loss, the per-frame losses and the per-frame block
+    position errors (px)."""
+    prev, now = states[:, 0], states[:, 1]
+    losses, err = [], []
+    for k in range(actions.shape[1]):
+        target = features.delta_target(now, states[:, k + 2]) / model.delta_scale
+        pred = model.scaled_delta(now, prev, actions[:, k])
+        losses.append(F.mse_loss(pred, target))
+        prev, now = now, features.apply_delta(now, pred * model.delta_scale)
+        err.append(((now[:, 2:4] - states[:, k + 2, 2:4]).norm(dim=-1) * (pusht.WORLD_SIZE / 2)).mean())
+    per_frame = torch.stack(losses)
+    return per_frame.mean(), per_frame.detach(), torch.stack(err).detach()
+
+
+@torch.no_grad()
+def measure_delta_scale(data: dict) -> torch.Tensor:
+    """Per-column std of the state change over the data ``[5]`` (floored)."""
+    st = data["state"]
+    d = features.delta_target(st[:, :-1], st[:, 1:]).reshape(-1, features.DELTA_DIM)
+    return d.std(0).clamp_min(1e-4)
+
+
 def mdn_nll(heads: dict, actions: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of ``actions`` [..., 2] under the proposal mixture."""
     logits, mean, log_std = heads["mdn_logits"], heads["mdn_mean"], heads["mdn_log_std"]
@@ -186,32 +231,35 @@ def mdn_nll(heads: dict, actions: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def imagine(model, frames: np.ndarray, agent_pos: np.ndarray, actions: np.ndarray,
-            prompt: str, *, context: int, horizon: int, seed: int = 0) -> list[int]:
-    """Teacher-force ``context`` real frames into ``model`` (a MiniDreamZero), then roll out
-    ``horizon`` frames open-loop under the recorded actions. Returns the indices of the
-    imagined frames in the model's history (decode them with ``model.decode_frame``)."""
-    model.start_from_frame(frames[0], agent_pos[0], prompt=prompt, seed=seed)
+def imagine(model, frames: np.ndarray, agent_pos: np.ndarray, block_pose: np.ndarray,
+            actions: np.ndarray, prompt: str, *, context: int, horizon: int, seed: int = 0) -> list[int]:
+    """Teacher-force ``context`` real frames (and their task states) into ``model`` (a
+    MiniDreamZero), then roll out ``horizon`` frames open-loop under the recorded actions.
+    Returns the indices of the imagined frames in the model's history (decode them with
+    ``model.decode_frame``)."""
+    model.start_from_frame(frames[0], agent_pos[0], block_pose[0], prompt=prompt, seed=seed)
     for t in range(1, context):
         model.step(actions[t - 1])
-        model.resync(frames[t], agent_pos[t])
+        model.resync(frames[t], agent_pos[t], block_pose[t])
     for t in range(context, context + horizon):
         model.step(actions[t - 1])
     return list(range(context, context + horizon))
 
 
 @torch.no_grad()
-def open_loop_rollout(net, vae, data: dict, *, episode: int, start: int, horizon: int) -> np.ndarray:
+def open_loop_rollout(net, vae, state_net, data: dict, *, episode: int, start: int,
+                      horizon: int) -> np.ndarray:
     """A picture for TensorBoard: real frames (top) and frames imagined open-loop from
     frame ``start`` under the recorded actions (bottom), uint8 ``[2S, horizon*S, 3]``."""
     from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero, Weights
 
-    model = MiniDreamZero(_weights=Weights(vae=vae, net=net, meta={}, source="training"))
+    weights = Weights(vae=vae, net=net, state_net=state_net, meta={}, source="training")
+    model = MiniDreamZero(_weights=weights)
     frames = data["frames"][episode]
-    agent = (data["agent"][episode].numpy() + 1.0) * (pusht.WORLD_SIZE / 2)
+    agent, block = features.poses_from_state(data["state"][episode].numpy())
     prompt = pusht.PROMPTS[int(data["prompt_id"][episode])]
     horizon = min(horizon, len(frames) - start)
-    idx = imagine(model, frames, agent, data["actions"][episode].numpy(), prompt,
+    idx = imagine(model, frames, agent, block, data["actions"][episode].numpy(), prompt,
                   context=start, horizon=horizon)
     real = np.concatenate(list(frames[start : start + horizon]), axis=1)
     pred = np.concatenate([model.decode_frame(i) for i in idx], axis=1)
