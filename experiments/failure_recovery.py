@@ -1,10 +1,10 @@
 """Failure-recovery benchmark: detect a failure in the predicted future, then recover.
 
-For every scenario of the suite (:mod:`arcfab_gym.tasks.scenarios`: a shove, the edge, a
+For every scenario of the suite (:mod:`arcfab_gym.scenarios`: a shove, the edge, a
 forbidden zone, a stuck contact) and every seed, each agent plays one episode in the real
 Push-T (pusht-sim with the scenario's events and rules). Before each real action an agent
 imagines its intended next ``lookahead`` steps in a world model (any backend; pusht-sim by
-default, exact and cheap) and a :class:`~arcfab_gym.tasks.scenarios.FailureDetector`
+default, exact and cheap) and a :class:`~arcfab_gym.scenarios.FailureDetector`
 checks that predicted future. The agents differ in what they do about a flag:
 
 * ``none``: nothing (it still runs the detector, so its would-be detections are counted).
@@ -75,7 +75,7 @@ from arcfab_gym.models import create_world_model
 from arcfab_gym.models.base import WorldModel
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
-from arcfab_gym.tasks.scenarios import (
+from arcfab_gym.scenarios import (
     ACTION_REPEAT,
     SCENARIOS,
     SUITE_NAME,

@@ -250,6 +250,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
     errs = _open_loop_errors(model, test)
     save_file(model.state_dict(), str(out_dir / "state_dynamics.safetensors"))
     _update_config(out_dir, {
+        "weights_id": weights_id(out_dir),
         "state_dynamics": asdict(scfg),
         "state_dynamics_training": {
             "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
@@ -335,16 +336,21 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
             writer.add_image("dynamics/real_top_predicted_bottom", strip, step, dataformats="HWC")
     bar.close()
     save_file(net.state_dict(), str(out_dir / "dynamics.safetensors"))
-    digest = hashlib.sha256((out_dir / "dynamics.safetensors").read_bytes())
-    digest.update((out_dir / "vae.safetensors").read_bytes())
-    if (out_dir / "state_dynamics.safetensors").exists():
-        digest.update((out_dir / "state_dynamics.safetensors").read_bytes())
     _update_config(out_dir, {
         "dynamics": asdict(dcfg), "dynamics_steps": step,
         "dynamics_final_loss": float(np.mean(history[-50:])),
-        "action_repeat": cfg.action_repeat, "weights_id": digest.hexdigest()[:16],
+        "action_repeat": cfg.action_repeat, "weights_id": weights_id(out_dir),
     })  # fmt: skip
     return net
+
+
+def weights_id(out_dir: Path) -> str:
+    """The weights' identity: a digest of every weights file in ``out_dir``."""
+    digest = hashlib.sha256()
+    for name in ("dynamics.safetensors", "vae.safetensors", "state_dynamics.safetensors"):
+        if (out_dir / name).exists():
+            digest.update((out_dir / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _update_config(out_dir: Path, values: dict) -> None:

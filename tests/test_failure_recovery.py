@@ -14,7 +14,7 @@ from agents.scripted import ScriptedPusher
 from arcfab_gym.errors import UnknownPromptError
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
-from arcfab_gym.tasks.scenarios import (
+from arcfab_gym.scenarios import (
     FORBIDDEN_ZONE,
     SUITE_NAME,
     SUITE_VERSION,
