@@ -153,7 +153,9 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     rng = np.random.default_rng(seed)
     init = pusht.sample_initial_state(rng)
     real = PushTSim(action_repeat=cfg.action_repeat, frame_size=64)
-    real.start(cfg.prompt, seed, init)
+    _, start_info = real.start(cfg.prompt, seed, init)
+    start_cov = float(start_info["coverage"])
+    writer.add_scalar(f"coverage/episode_{episode}", start_cov, 0)
     scratch = real.spawn()  # replays planned sequences for the plan audit
     model.start(cfg.prompt, seed, init)
     p = cfg.planner
@@ -174,6 +176,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
             paid.append(pay)
         out = real.step(action)
         cov, success = out.info["coverage"], out.info["is_success"]
+        writer.add_scalar(f"coverage/episode_{episode}", cov, t + 1)
         rewards.append(float(out.reward))
         predicted.append(float(sync(model, real, action).reward))
         bar.update(1)
@@ -182,7 +185,8 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
             break
     ret = sum(rewards)
     result = {
-        "episode": episode, "seed": seed, "return": ret, "final_coverage": cov,
+        "episode": episode, "seed": seed, "return": ret, "start_coverage": start_cov,
+        "final_coverage": cov,
         "success": bool(success), "steps": t + 1,
         "seconds_per_action": statistics.mean(plan_times),
         "model_steps_per_action": statistics.mean(s.get("model_steps", 0) for s in stats_log),
@@ -254,12 +258,24 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
     return doc
 
 
+def episode_table(doc: dict[str, Any]) -> str:
+    """Per episode: the T's coverage of its goal at the start and at the end, in the real
+    Push-T, and whether it succeeded."""
+    lines = ["episode  seed  start coverage  final coverage  success  actions"]
+    for r in doc["episodes"]:
+        lines.append(f"{r['episode']:>7}  {r['seed']:>4}  {r['start_coverage']:>14.3f}  "
+                     f"{r['final_coverage']:>14.3f}  {'yes' if r['success'] else 'no':>7}  "
+                     f"{r['steps']:>7}")
+    return "\n".join(lines)
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="plan")
 def main(cfg) -> None:
     plan_cfg = OmegaConf.to_object(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     doc = run(plan_cfg, out_dir)
     print(json.dumps(doc["summary"], indent=1))
+    print(episode_table(doc))
     print(f"results: {out_dir / 'results.json'}   TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
 
 

@@ -179,7 +179,7 @@ def _open_loop_errors(model: StateDynamics, data: dict, horizons=(1, 4, 16)) -> 
     prev, now = st[:, 0], st[:, 1]
     out: dict[str, float] = {}
     for k in range(1, H + 1):
-        prev, now = now, model(now, prev, act[:, k])
+        prev, now = now, model(now, prev, act[:, k], act[:, k - 1])
         if k in horizons:
             real = st[:, k + 1]
             pa, pb = features.poses_from_state(now.numpy())
@@ -199,6 +199,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         measure_delta_scale,
         state_dynamics_loss,
         state_windows,
+        with_rest_frame,
     )
 
     train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
@@ -206,6 +207,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
     scfg = StateDynamicsConfig(hidden=32, layers=2) if cfg.tiny else StateDynamicsConfig()
     model = StateDynamics(scfg)
     model.delta_scale.copy_(measure_delta_scale(train))
+    windows = with_rest_frame(train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-5)
     rng = np.random.default_rng(cfg.seed)
     horizon = min(cfg.state_horizon, train["state"].shape[1] - 2)
@@ -219,7 +221,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
             g["lr"] = _lr(frac, cfg.lr * 0.5)
         # The unroll grows from 2 frames to the full horizon over the first third.
         h = max(2, min(horizon, int(2 + (horizon - 2) * frac * 3)))
-        states, actions = state_windows(train, h, cfg.state_batch, rng)
+        states, actions = state_windows(windows, h, cfg.state_batch, rng)
         loss, per_frame, err = state_dynamics_loss(model, states, actions)
         opt.zero_grad(set_to_none=True)
         loss.backward()

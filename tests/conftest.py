@@ -50,6 +50,15 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight a busy machine for two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights_dir(tmp_path_factory) -> Path:
     return make_tiny_weights(tmp_path_factory.mktemp("tiny_mdz"))

@@ -24,13 +24,7 @@ P0 = pusht.DEFAULT_PROMPT
 P1 = pusht.PROMPTS[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight a busy machine for two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -601,6 +595,7 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
             train_data=str(tmp_path / "train.npz"), test_data=str(tmp_path / "test.npz"),
             out_dir=str(out_dir), log_every=5, image_every=1000, threads=1,
             residual=False,  # the residual flow's loss starts near its floor: too flat for 60 steps
+            state_horizon=2,  # a fixed unroll, so the state loss is comparable over the run
         )  # fmt: skip
         train(cfg, run_dir)
     finally:
@@ -616,7 +611,7 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     assert meta["dynamics"]["state_map"] is True
     assert meta["weights_id"] and meta["weights_id"] != TINY_WEIGHTS_ID
 
-    for tag in ("vae/loss", "state/loss_first_frame", "dynamics/flow"):
+    for tag in ("vae/loss", "state/loss", "dynamics/flow"):
         losses = _scalars(run_dir, tag)
         assert len(losses) == 12, tag
         first, last = np.mean(losses[:3]), np.mean(losses[-3:])

@@ -16,12 +16,7 @@ from arcfab_gym.tasks import pusht
 P0 = pusht.DEFAULT_PROMPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_state_layout_round_trips():
@@ -149,6 +144,11 @@ def test_state_token_is_in_the_snapshot_and_restores_bit_exactly(tiny_model, tmp
     state = m.extract_state()
     task = state.tensors["task_state"]
     assert task.dtype == torch.float32 and tuple(task.shape) == (m.frame_count, features.STATE_DIM)
+    # With the action that led to each frame (the pusher's velocity follows from it); the
+    # first frame's is the resting action, the pusher's own position.
+    led = state.tensors["task_action"]
+    assert tuple(led.shape) == (m.frame_count, 2)
+    torch.testing.assert_close(led[0], task[0, 0:2])
     assert state.meta["state_version"] == STATE_VERSION
     path = WorldStateSnapshot.from_model(m).save(tmp_path / "s.safetensors")
     actions = np.random.default_rng(5).uniform(-1, 1, (4, 2)).astype(np.float32)

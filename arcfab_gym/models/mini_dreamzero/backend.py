@@ -11,10 +11,11 @@ Its working state has DreamZero's shape (``WANPolicyHead.lazy_joint_video_action
 * the accumulated latent video, the language token ids (the reset key),
   ``current_start_frame``, the seed and the torch RNG state;
 * the **task state token** of every frame (``task_state``: pusher x, y and the T's x, y,
-  sin, cos; ``features`` has the layout), which DreamZero's state tokens stand for.
+  sin, cos; ``features`` has the layout), which DreamZero's state tokens stand for, and
+  the action that led to each frame (``task_action``).
 
 Each frame the model first predicts the next task state (:class:`StateDynamics`, from the
-last two states and the action), then generates the next video latent *conditioned on
+last two states, the last action and the action), then generates the next video latent *conditioned on
 that state* (a rasterised picture of it enters every frame token), and feeds the
 predicted state back as the next frame's input. Observation, reward and termination read
 the predicted state through the task's own geometry (``pusht.coverage``, the function
@@ -208,7 +209,7 @@ class MiniDreamZero(WorldModel):
         w.clip_feas = self.net.encode_image(latent)
         self._encode_prompt(w, prompt)
         self._w = w
-        self._write([w], latent, state[None], real=True)
+        self._write([w], latent, state[None], features.resting_action(state)[None], real=True)
         return self.observe(), self._frame_record_info()
 
     def step(self, action) -> StepOutput:
@@ -299,9 +300,10 @@ class MiniDreamZero(WorldModel):
             acts = torch.tensor(actions, dtype=torch.float32)
             now = torch.from_numpy(np.stack([w.task[w.n - 1] for w in worlds]))
             prev = torch.from_numpy(np.stack([w.task[max(w.n - 2, 0)] for w in worlds]))
-            nxt = self.weights.state_net(now, prev, acts)  # the state token, predicted
+            last = torch.from_numpy(np.stack([w.acts[w.n - 1] for w in worlds]))
+            nxt = self.weights.state_net(now, prev, acts, last)  # the state token, predicted
             latents = self._generate(worlds, acts, now, prev, nxt)
-            self._write(worlds, latents, nxt.numpy(), real=False)
+            self._write(worlds, latents, nxt.numpy(), acts.numpy(), real=False)
 
     def _generate(self, worlds: list[_World], actions: torch.Tensor, now: torch.Tensor,
                   prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
@@ -336,10 +338,10 @@ class MiniDreamZero(WorldModel):
         return latent_from_flow(c, x, z_prev)
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray,
-               *, real: bool) -> None:
+               actions: np.ndarray, *, real: bool) -> None:
         """Write each world's new frame ``latents[b]`` with its task state ``states[b]``
-        ``[6]`` into both of its caches, run the heads, and append the frame (new tensors
-        and lists only; nothing is edited)."""
+        ``[6]`` (reached by ``actions[b]``) into both of its caches, run the heads, and
+        append the frame (new tensors and lists only; nothing is edited)."""
         net, c = self.net, self.net.cfg
         tf, B = c.tokens_per_frame, len(worlds)
         # A frame sees at most local_attn_size - 1 earlier frames (with itself: the
@@ -373,7 +375,8 @@ class MiniDreamZero(WorldModel):
             goal = pusht.goal_pose(w.prompt)
             cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
             success = float(cov > pusht.SUCCESS_THRESHOLD)
-            w.append_frame(states[b], [*agents[b], *blocks[b], cov, success, float(real), cov_head[b]])
+            w.append_frame(states[b], actions[b],
+                           [*agents[b], *blocks[b], cov, success, float(real), cov_head[b]])
             w.append_latent(latents[b])
 
     # --- real-world synchronisation (hybrid control) ------------------------------------
@@ -409,21 +412,29 @@ class MiniDreamZero(WorldModel):
                               real=bool(w.info[w.n - 1, 7]))  # fmt: skip
 
     def _merged_state(self, agent_pos, block_pose) -> np.ndarray:
+        """The current task state with the given parts replaced (the others kept bit for
+        bit: nothing is converted back and forth)."""
         w = self._w
-        agent, block = features.poses_from_state(w.task[w.n - 1])
-        agent = agent if agent_pos is None else agent_pos
-        block = block if block_pose is None else block_pose
-        return _task_state(agent, block)
+        state = w.task[w.n - 1].copy()
+        agent, block = features.poses_from_state(state)
+        given = _task_state(agent if agent_pos is None else agent_pos,
+                            block if block_pose is None else block_pose)
+        if agent_pos is not None:
+            state[0:2] = given[0:2]
+        if block_pose is not None:
+            state[2:6] = given[2:6]
+        return state
 
     def _rewrite_current(self, latent: torch.Tensor, state: np.ndarray, real: bool) -> None:
         """Drop the current frame's block, latent and record; write ``latent`` with task
         state ``state`` instead."""
         w = self._w
+        action = w.acts[w.n - 1].copy()  # the same action led to the replaced frame
         w.n -= 1
         w.blocks = w.blocks[:-1]
         tail = w.chunks[-1][:-1]
         w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
-        self._write([w], latent[None], state[None], real=real)
+        self._write([w], latent[None], state[None], action[None], real=real)
 
     # --- state -------------------------------------------------------------------------------
     def _state_of(self, w: _World) -> ModelState:
@@ -437,6 +448,7 @@ class MiniDreamZero(WorldModel):
             "rng_state": w.gen.get_state(),  # uint8
             "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 9] float64
             "task_state": torch.from_numpy(w.task[: w.n].copy()),  # [T, 6] float32
+            "task_action": torch.from_numpy(w.acts[: w.n].copy()),  # [T, 2] float32
             "proposal": w.proposal,  # [n_mixture, 5]
         }
         for k, block in enumerate(w.blocks):
@@ -469,7 +481,7 @@ class MiniDreamZero(WorldModel):
                 f"not a {self.name} state of version {STATE_VERSION}: this one has state "
                 f"version {version}{hint}"
             )
-        missing = [k for k in ("language_ids", "task_state", "frame_info") if k not in t]
+        missing = [k for k in ("language_ids", "task_state", "task_action", "frame_info") if k not in t]
         if missing:
             raise StateMismatchError(f"{self.name} state of version {version} lacks {missing}")
         if meta.get("weights", "") != self.weights.meta.get("weights_id", ""):
@@ -479,8 +491,10 @@ class MiniDreamZero(WorldModel):
             )
         self.check_prompt(meta["prompt"])
         n = int(meta["current_start_frame"])
-        if len(t["frame_info"]) != n or tuple(t["task_state"].shape) != (n, features.STATE_DIM):
-            raise StateMismatchError("frame_info, task_state and current_start_frame disagree")
+        if (len(t["frame_info"]) != n or tuple(t["task_state"].shape) != (n, features.STATE_DIM)
+                or tuple(t["task_action"].shape) != (n, self.action_dim)):
+            raise StateMismatchError(
+                "frame_info, task_state, task_action and current_start_frame disagree")
         gen = torch.Generator()
         if include_rng:
             gen.set_state(t["rng_state"].clone())
@@ -494,7 +508,7 @@ class MiniDreamZero(WorldModel):
         w.blocks = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache/"))]
         w.cache_start = int(meta["cache_start_frame"])
         w.chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        w.set_frames(t["task_state"].numpy(), t["frame_info"].numpy())
+        w.set_frames(t["task_state"].numpy(), t["task_action"].numpy(), t["frame_info"].numpy())
         w.proposal = t["proposal"]
         return w
 
@@ -660,21 +674,24 @@ class _World:
         self.chunks: list[torch.Tensor] = []  # latent video, [<=LATENT_CHUNK, C, S, S] each
         self.info = np.zeros((0, FRAME_INFO_COLUMNS))  # [capacity, 9]; rows [:n] are valid
         self.task = np.zeros((0, features.STATE_DIM), np.float32)  # the task state per frame
+        self.acts = np.zeros((0, 2), np.float32)  # the action that led to each frame
         self.n = 0  # frames in the history
         self.proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
 
-    def set_frames(self, task: np.ndarray, rows: np.ndarray) -> None:
+    def set_frames(self, task: np.ndarray, acts: np.ndarray, rows: np.ndarray) -> None:
         self.task = np.array(task, dtype=np.float32, copy=True)  # owned, never shared
+        self.acts = np.array(acts, dtype=np.float32, copy=True)
         self.info = np.array(rows, dtype=np.float64, copy=True)
         self.n = len(rows)
 
-    def append_frame(self, task, row) -> None:
+    def append_frame(self, task, action, row) -> None:
         if self.n == len(self.info):
             cap = max(32, 2 * len(self.info))
-            self.info = np.concatenate([self.info[: self.n], np.zeros((cap - self.n, FRAME_INFO_COLUMNS))])
-            self.task = np.concatenate([self.task[: self.n], np.zeros((cap - self.n, features.STATE_DIM), np.float32)])
+            grow = lambda a: np.concatenate([a[: self.n], np.zeros((cap - self.n, a.shape[1]), a.dtype)])  # noqa: E731
+            self.info, self.task, self.acts = grow(self.info), grow(self.task), grow(self.acts)
         self.info[self.n] = row
         self.task[self.n] = task
+        self.acts[self.n] = action
         self.n += 1
 
     def append_latent(self, latent: torch.Tensor) -> None:

@@ -4,9 +4,11 @@ and the flow's target: the one home that both the backend and training import.
 The task state of a frame is six numbers, in this order (``STATE_NAMES``): the pusher's
 ``x, y`` and the T's ``x, y`` (its body origin, gym-pusht's ``block.position``), all in
 ``[-1, 1]`` (px / 256 - 1), then ``sin`` and ``cos`` of the T's angle. The state dynamics
-reads the last two states and the action (:func:`dynamics_input`); the video flow reads a
-rasterised picture of the state (:func:`state_map`), so the latent it generates is the
-scene the state describes.
+reads the last two states, the action that led to the current one and the next action
+(:func:`dynamics_input`): gym-pusht's pusher follows its target through a PD controller,
+so its velocity -- not in the state -- is fixed by the last two positions and the last
+target. The video flow reads a rasterised picture of the state (:func:`state_map`), so
+the latent it generates is the scene the state describes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ DELTA_NAMES = ("d_agent_x", "d_agent_y", "d_block_u", "d_block_v", "d_angle")
 DELTA_DIM = len(DELTA_NAMES)
 #: Velocity features are the last frame's change times this (a few px -> about 0.1-1).
 _VELOCITY_GAIN = 8.0
-DYNAMICS_INPUT_DIM = STATE_DIM + 5 + 2 + 2 + 2 + 2
+DYNAMICS_INPUT_DIM = STATE_DIM + 5 + 2 + 2 + 2 + 2 + 2
 
 #: State-map resolution (cells per side) and channels (the T's mask, the pusher's disc).
 MAP_SIZE = 32
@@ -67,18 +69,21 @@ def _rotate(v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tens
     return torch.stack([cos * v[..., 0] - sin * v[..., 1], sin * v[..., 0] + cos * v[..., 1]], -1)
 
 
-def dynamics_input(now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """The state dynamics' input from the state now and one frame before ``[..., 6]`` and
-    the action ``[..., 2]`` (the pusher's target, in [-1, 1] like the positions):
-    the state, the last change (velocity), the action, the target relative to the pusher,
-    and the pusher and the target in the T's frame (where contact is decided)."""
+def dynamics_input(now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
+                   last_action: torch.Tensor) -> torch.Tensor:
+    """The state dynamics' input from the state now and one frame before ``[..., 6]``, the
+    action ``[..., 2]`` (the pusher's target, in [-1, 1] like the positions) and the action
+    that led from ``prev`` to ``now``: the state, the last change (velocity), the action,
+    the target relative to the pusher, the last target relative to the last position, and
+    the pusher and the target in the T's frame (where contact is decided)."""
     sin, cos = now[..., 4], now[..., 5]
     d_angle = torch.atan2(sin * prev[..., 5] - cos * prev[..., 4], cos * prev[..., 5] + sin * prev[..., 4])
     vel = torch.cat([now[..., :4] - prev[..., :4], d_angle[..., None]], -1) * _VELOCITY_GAIN
     block = now[..., 2:4]
     agent_in_t = _rotate(now[..., 0:2] - block, -sin, cos)
     target_in_t = _rotate(action - block, -sin, cos)
-    return torch.cat([now, vel, action, action - now[..., 0:2], agent_in_t, target_in_t], -1)
+    return torch.cat([now, vel, action, action - now[..., 0:2], last_action - prev[..., 0:2],
+                      agent_in_t, target_in_t], -1)
 
 
 def delta_target(now: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
@@ -128,6 +133,12 @@ def state_map(state: torch.Tensor, size: int = MAP_SIZE) -> torch.Tensor:
     disc = (((grid[None] - agent) ** 2).sum(-1) <= _PUSHER_RADIUS**2).float()
     maps = torch.stack([tee, disc], 1)  # [B, 2, n, n]
     return torch.nn.functional.avg_pool2d(maps, ss) if ss > 1 else maps
+
+
+def resting_action(state: torch.Tensor | np.ndarray):
+    """The action that holds a pusher still where it is (its target = its position): the
+    "last action" of a history's first frame, where the pusher is at rest."""
+    return state[..., 0:2]
 
 
 def flow_target(cfg, z_next: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:

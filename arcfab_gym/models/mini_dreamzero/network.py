@@ -118,12 +118,15 @@ class StateDynamics(nn.Module):
         self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], features.DELTA_DIM))
         self.register_buffer("delta_scale", torch.ones(features.DELTA_DIM))
 
-    def scaled_delta(self, now, prev, action) -> torch.Tensor:
-        return self.mlp(features.dynamics_input(now, prev, action))
+    def scaled_delta(self, now, prev, action, last_action) -> torch.Tensor:
+        return self.mlp(features.dynamics_input(now, prev, action, last_action))
 
-    def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """``[B, 6]``, ``[B, 6]``, ``[B, 2]`` -> the next state ``[B, 6]``."""
-        return features.apply_delta(now, self.scaled_delta(now, prev, action) * self.delta_scale)
+    def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
+                last_action: torch.Tensor) -> torch.Tensor:
+        """States now and before ``[B, 6]``, the action ``[B, 2]`` and the one that led
+        to ``now`` ``[B, 2]`` -> the next state ``[B, 6]``."""
+        delta = self.scaled_delta(now, prev, action, last_action) * self.delta_scale
+        return features.apply_delta(now, delta)
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:

@@ -189,15 +189,25 @@ def jitter_states(state: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def with_rest_frame(data: dict) -> dict:
+    """States and actions of ``data`` with a frame -1 before each episode: the first
+    state again, reached by the resting action (so windows can start the way a history
+    starts, the pusher at rest, with no earlier frame)."""
+    st, act = data["state"], data["actions"]
+    rest = features.resting_action(st[:, :1])
+    return {"state": torch.cat([st[:, :1], st], 1), "actions": torch.cat([rest, act], 1)}
+
+
 def state_windows(data: dict, horizon: int, batch: int, rng: np.random.Generator):
-    """Random windows of ``horizon + 2`` states ``[B, H+2, 6]`` and their ``horizon``
-    actions ``[B, H, 2]`` (action k leads from state k+1 to k+2)."""
+    """Random windows of ``horizon + 2`` states ``[B, H+2, 6]`` and the ``horizon + 1``
+    actions between them ``[B, H+1, 2]`` (action k leads from state k to k+1; the first
+    is the one that led to the window's current state)."""
     states, actions = data["state"], data["actions"]
     E, T = states.shape[:2]
     e = torch.from_numpy(rng.integers(E, size=batch))[:, None]
     s = torch.from_numpy(rng.integers(T - horizon - 1, size=batch))[:, None]
     idx = s + torch.arange(horizon + 2)
-    return states[e, idx], actions[e, idx[:, 1:-1]]
+    return states[e, idx], actions[e, idx[:, :-1]]
 
 
 def state_dynamics_loss(model: StateDynamics, states: torch.Tensor, actions: torch.Tensor):
@@ -209,9 +219,9 @@ def state_dynamics_loss(model: StateDynamics, states: torch.Tensor, actions: tor
     prev, now = states[:, 0], states[:, 1]
     weights = torch.tensor(STATE_LOSS_WEIGHTS) / (sum(STATE_LOSS_WEIGHTS) / len(STATE_LOSS_WEIGHTS))
     losses, err = [], []
-    for k in range(actions.shape[1]):
+    for k in range(actions.shape[1] - 1):
         target = features.delta_target(now, states[:, k + 2]) / model.delta_scale
-        pred = model.scaled_delta(now, prev, actions[:, k])
+        pred = model.scaled_delta(now, prev, actions[:, k + 1], actions[:, k])
         losses.append((((pred - target) ** 2) * weights).mean())
         prev, now = now, features.apply_delta(now, pred * model.delta_scale)
         err.append(((now[:, 2:4] - states[:, k + 2, 2:4]).norm(dim=-1) * (pusht.WORLD_SIZE / 2)).mean())
