@@ -208,7 +208,11 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
     model = StateDynamics(scfg)
     model.delta_scale.copy_(measure_delta_scale(train))
     windows = with_rest_frame(train)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-5)
+    st, act = windows["state"], windows["actions"]
+    model.fit_linear(st[:, 1:-1].flatten(0, 1), st[:, :-2].flatten(0, 1), act[:, 1:].flatten(0, 1),
+                     act[:, :-1].flatten(0, 1), st[:, 2:].flatten(0, 1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr * 0.5, weight_decay=1e-5)
     rng = np.random.default_rng(cfg.seed)
     horizon = min(cfg.state_horizon, train["state"].shape[1] - 2)
     t0, step = time.perf_counter(), 0
@@ -225,7 +229,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         loss, per_frame, err = state_dynamics_loss(model, states, actions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         bar.update(1)

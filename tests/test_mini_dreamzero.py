@@ -611,11 +611,12 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     assert meta["dynamics"]["state_map"] is True
     assert meta["weights_id"] and meta["weights_id"] != TINY_WEIGHTS_ID
 
-    for tag in ("vae/loss", "state/loss", "dynamics/flow"):
+    # The state dynamics starts from its least-squares linear path: less left to gain.
+    for tag, factor in (("vae/loss", 0.9), ("state/loss", 0.95), ("dynamics/flow", 0.9)):
         losses = _scalars(run_dir, tag)
         assert len(losses) == 12, tag
         first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-        assert last < 0.9 * first, (tag, losses)
+        assert last < factor * first, (tag, losses)
 
     model = MiniDreamZero(weights_dir=out_dir)
     model.start(P0, seed=0)

@@ -116,11 +116,27 @@ class StateDynamics(nn.Module):
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.SiLU()]
         self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], features.DELTA_DIM))
-        # A linear path beside the MLP: the pusher's change is linear in its inputs (a
-        # least-squares fit on held-out data is off by 1e-5 px), which an MLP alone only
-        # approximates (it was left 4-7 px off); the MLP is left the contacts.
+        # A linear path beside the MLP, fitted by least squares before training and then
+        # frozen (``fit_linear``): the pusher's change is linear in these inputs (the fit
+        # is off by 1e-5 px on held-out data), which an MLP alone only approximated (it
+        # was left 4-7 px off). The MLP, its last layer starting at zero, learns the rest:
+        # the contacts.
         self.linear = nn.Linear(features.DYNAMICS_INPUT_DIM, features.DELTA_DIM)
+        self.linear.requires_grad_(False)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
         self.register_buffer("delta_scale", torch.ones(features.DELTA_DIM))
+
+    @torch.no_grad()
+    def fit_linear(self, now, prev, action, last_action, nxt) -> None:
+        """Least-squares fit of the linear path to the scaled change from ``now`` to
+        ``nxt`` (all ``[N, ...]``), in float64."""
+        x = features.dynamics_input(now, prev, action, last_action).double()
+        y = (features.delta_target(now, nxt) / self.delta_scale).double()
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        w = torch.linalg.lstsq(x1, y).solution  # [in + 1, out]
+        self.linear.weight.copy_(w[:-1].T.float())
+        self.linear.bias.copy_(w[-1].float())
 
     def scaled_delta(self, now, prev, action, last_action) -> torch.Tensor:
         x = features.dynamics_input(now, prev, action, last_action)
