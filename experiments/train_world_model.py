@@ -53,8 +53,11 @@ class TrainConfig:
     """Held-out episodes (for the logged metrics)."""
     out_dir: str = "runs/weights"
     """Where vae.safetensors, dynamics.safetensors and config.json go."""
-    minutes: float = 15.0
-    """Wall-clock budget of the stage (each stage when stage=all)."""
+    minutes: float | None = 15.0
+    """Wall-clock budget of the stage (each stage when stage=all). The learning-rate
+    schedule follows the budget, so a timed run is seeded but not bit-reproducible;
+    ``minutes=null`` bounds the stage by ``max_steps`` alone, and two such runs are
+    bit-identical."""
     max_steps: int = 1_000_000
     """Step limit (whichever comes first)."""
     batch_size: int = 32
@@ -97,6 +100,8 @@ def _lr(step_frac: float, peak: float) -> float:
 
 def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
     """Fraction of the budget used (time or steps)."""
+    if cfg.minutes is None:
+        return step / cfg.max_steps
     return max((time.perf_counter() - t0) / (cfg.minutes * 60), step / cfg.max_steps)
 
 
@@ -298,7 +303,9 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     state_net.load_state_dict(load_file(str(out_dir / "state_dynamics.safetensors")))
     state_net.eval()
     net = WorldTransformer(dcfg)
+    init_id = None
     if cfg.init_from is not None:
+        init_id = init_meta.get("weights_id")
         weights = load_file(str(Path(cfg.init_from) / "dynamics.safetensors"))
         old = weights["in_proj.weight"]
         if old.shape[1] < net.in_proj.weight.shape[1]:
@@ -346,6 +353,11 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
         "dynamics": asdict(dcfg), "dynamics_steps": step,
         "dynamics_final_loss": float(np.mean(history[-50:])),
         "action_repeat": cfg.action_repeat, "weights_id": weights_id(out_dir),
+        "dynamics_training": {
+            "init_from": init_id, "steps": step, "threads": cfg.threads,
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "episodes": int(len(train["z"])), "lr_peak": cfg.lr * 0.5,
+        },
     })  # fmt: skip
     return net
 
@@ -369,18 +381,18 @@ def _update_config(out_dir: Path, values: dict) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
-    torch.manual_seed(cfg.seed)
+    if cfg.stage not in ("vae", "state", "dynamics", "all"):
+        raise ValueError(f"unknown stage {cfg.stage!r}: choose vae, state, dynamics or all")
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run_dir / "tb"))
     writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=1) + "\n```")
-    if cfg.stage in ("vae", "all"):
-        train_vae(cfg, writer, out_dir)
-    if cfg.stage in ("state", "all"):
-        train_state(cfg, writer, out_dir)
-    if cfg.stage in ("dynamics", "all"):
-        train_dynamics(cfg, writer, out_dir)
+    stages = {"vae": train_vae, "state": train_state, "dynamics": train_dynamics}
+    for i, (name, run) in enumerate(stages.items()):
+        if cfg.stage in (name, "all"):
+            torch.manual_seed(cfg.seed + i)  # each stage reproducible on its own
+            run(cfg, writer, out_dir)
     writer.close()
     return out_dir
 

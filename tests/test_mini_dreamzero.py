@@ -4,7 +4,9 @@ injection and resync, snapshots, and a CI-speed training run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -591,7 +593,7 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     threads = torch.get_num_threads()
     try:
         cfg = TrainConfig(
-            stage="all", tiny=True, minutes=1.0, max_steps=60, batch_size=4, clip_frames=4,
+            stage="all", tiny=True, minutes=None, max_steps=60, batch_size=4, clip_frames=4,
             train_data=str(tmp_path / "train.npz"), test_data=str(tmp_path / "test.npz"),
             out_dir=str(out_dir), log_every=5, image_every=1000, threads=1,
             residual=False,  # the residual flow's loss starts near its floor: too flat for 60 steps
@@ -609,14 +611,26 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     assert meta["vae_steps"] == 60 and meta["dynamics_steps"] == 60
     assert meta["state_dynamics_training"]["steps"] == 60
     assert meta["dynamics"]["state_map"] is True
+    assert meta["dynamics_training"]["steps"] == 60 and meta["dynamics_training"]["init_from"] is None
     assert meta["weights_id"] and meta["weights_id"] != TINY_WEIGHTS_ID
 
-    # The state dynamics starts from its least-squares linear path: less left to gain.
-    for tag, factor in (("vae/loss", 0.9), ("state/loss", 0.95), ("dynamics/flow", 0.9)):
+    # The state dynamics starts from its least-squares linear path, which leaves little
+    # to gain on 4 episodes (the run is deterministic, so a small margin is not flaky).
+    for tag, factor in (("vae/loss", 0.9), ("state/loss", 0.98), ("dynamics/flow", 0.9)):
         losses = _scalars(run_dir, tag)
         assert len(losses) == 12, tag
         first, last = np.mean(losses[:3]), np.mean(losses[-3:])
         assert last < factor * first, (tag, losses)
+
+    # A step-bounded stage is bit-reproducible, on its own as within stage=all.
+    again = tmp_path / "again"
+    shutil.copytree(out_dir, again)
+    try:
+        train(dataclasses.replace(cfg, stage="state", out_dir=str(again)), tmp_path / "run2")
+    finally:
+        torch.set_num_threads(threads)
+    assert (again / "state_dynamics.safetensors").read_bytes() == \
+        (out_dir / "state_dynamics.safetensors").read_bytes()
 
     model = MiniDreamZero(weights_dir=out_dir)
     model.start(P0, seed=0)

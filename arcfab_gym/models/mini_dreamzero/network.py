@@ -130,11 +130,15 @@ class StateDynamics(nn.Module):
     @torch.no_grad()
     def fit_linear(self, now, prev, action, last_action, nxt) -> None:
         """Least-squares fit of the linear path to the scaled change from ``now`` to
-        ``nxt`` (all ``[N, ...]``), in float64."""
+        ``nxt`` (all ``[N, ...]``), in float64, by the normal equations with a tiny ridge:
+        deterministic even when inputs are collinear (LAPACK's rank-revealing ``lstsq``
+        returned different solutions run to run on small data sets)."""
         x = features.dynamics_input(now, prev, action, last_action).double()
         y = (features.delta_target(now, nxt) / self.delta_scale).double()
         x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        w = torch.linalg.lstsq(x1, y).solution  # [in + 1, out]
+        gram = x1.T @ x1
+        ridge = 1e-9 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        w = torch.linalg.solve(gram + ridge, x1.T @ y)  # [in + 1, out]
         self.linear.weight.copy_(w[:-1].T.float())
         self.linear.bias.copy_(w[-1].float())
 
