@@ -15,7 +15,7 @@ pushes that go wrong). One model frame holds the action for ``action_repeat`` co
     coverage    float32 [E, T]            of the episode's goal
     success     bool    [E, T]
     prompt_id   int64   [E]               index into arcfab_gym.PROMPTS
-    policy_id   int64   [E]               0 scripted, 1 random motion, 2 pokes
+    policy_id   int64   [E]               0 scripted, 1 random motion, 2 pokes, 3 jumps
 
     python -m experiments.collect episodes=800 workers=2 out=data/pusht_train.npz
 """
@@ -52,7 +52,10 @@ class CollectConfig:
     random_policy_fraction: float = 0.1
     """Share of episodes driven by smooth random motion."""
     poke_policy_fraction: float = 0.65
-    """Share of episodes driven by pokes at the T (the rest: the scripted pusher)."""
+    """Share of episodes driven by pokes at the T."""
+    jump_policy_fraction: float = 0.0
+    """Share of episodes driven by jumps: targets far from the pusher, as a sampling
+    planner's candidates are (the rest: the scripted pusher)."""
     seed: int = 0
     """Base seed; episode i uses seed + i, so runs extend reproducibly."""
     workers: int = 2
@@ -136,6 +139,25 @@ class Poke:
         return pusht.target_to_action(np.clip(target, 0.0, pusht.WORLD_SIZE))
 
 
+class Jumps:
+    """Fast moves and shoves, the actions a sampling planner (CEM, MPPI) tries: each
+    frame's target is drawn around the pusher, the T's centre, or the last target, with a
+    spread of 40-160 px per episode (CEM's first samples spread 128 px)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.spread = float(rng.uniform(40.0, 160.0))
+        self.target: np.ndarray | None = None
+
+    def __call__(self, obs) -> np.ndarray:
+        agent = np.asarray(obs["agent_pos"], dtype=np.float64)
+        block = np.asarray(obs["block_pose"], dtype=np.float64)
+        u = self.rng.random()
+        anchor = agent if (u < 0.5 or self.target is None) else block[:2] if u < 0.8 else self.target
+        self.target = np.clip(anchor + self.rng.normal(0.0, self.spread, size=2), 0.0, pusht.WORLD_SIZE)
+        return pusht.target_to_action(self.target)
+
+
 def point_in_outline(p: np.ndarray, poly: np.ndarray) -> bool:
     """Even-odd test of point ``p`` in polygon ``poly`` ``[N, 2]``."""
     inside = False
@@ -155,6 +177,8 @@ def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
         policy_id, policy = 1, SmoothRandom(rng)
     elif u < cfg.random_policy_fraction + cfg.poke_policy_fraction:
         policy_id, policy = 2, Poke(rng)
+    elif u < cfg.random_policy_fraction + cfg.poke_policy_fraction + cfg.jump_policy_fraction:
+        policy_id, policy = 3, Jumps(rng)
     else:
         policy_id, policy = 0, ScriptedPusher(
             rng, noise_px=float(rng.uniform(2, 15)), waypoint_prob=float(rng.uniform(0.0, 0.06))

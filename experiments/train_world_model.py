@@ -79,7 +79,8 @@ class TrainConfig:
     action_repeat: int = 4
     """Control steps per frame in the data (experiments.collect's action_repeat)."""
     init_from: str | None = None
-    """Continue training the dynamics from the weights in this folder (same VAE)."""
+    """Continue training the dynamics (stage=dynamics) or the state dynamics (stage=state)
+    from the weights in this folder (same VAE)."""
     residual: bool = True
     """Flow target: the change from the previous latent (True) or the next latent itself."""
     state_map: bool = True
@@ -210,12 +211,21 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
     train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
     test = _state_arrays(load_npz(cfg.test_data, cfg.tiny))
     scfg = StateDynamicsConfig(hidden=32, layers=2) if cfg.tiny else StateDynamicsConfig()
-    model = StateDynamics(scfg)
-    model.delta_scale.copy_(measure_delta_scale(train))
     windows = with_rest_frame(train)
     st, act = windows["state"], windows["actions"]
-    model.fit_linear(st[:, 1:-1].flatten(0, 1), st[:, :-2].flatten(0, 1), act[:, 1:].flatten(0, 1),
-                     act[:, :-1].flatten(0, 1), st[:, 2:].flatten(0, 1))
+    init_id = None
+    if cfg.init_from is not None and (Path(cfg.init_from) / "state_dynamics.safetensors").exists():
+        # Continue from trained weights: their scales and linear path stay as they are.
+        init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        scfg = StateDynamicsConfig(**init_meta["state_dynamics"])
+        model = StateDynamics(scfg)
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "state_dynamics.safetensors")))
+        init_id = init_meta.get("weights_id")
+    else:
+        model = StateDynamics(scfg)
+        model.delta_scale.copy_(measure_delta_scale(train))
+        model.fit_linear(st[:, 1:-1].flatten(0, 1), st[:, :-2].flatten(0, 1), act[:, 1:].flatten(0, 1),
+                         act[:, :-1].flatten(0, 1), st[:, 2:].flatten(0, 1))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr * 0.5, weight_decay=1e-5)
     rng = np.random.default_rng(cfg.seed)
@@ -264,7 +274,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         "weights_id": weights_id(out_dir),
         "state_dynamics": asdict(scfg),
         "state_dynamics_training": {
-            "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "init_from": init_id, "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
             "episodes": int(train["state"].shape[0]), "horizon": horizon,
             "final_loss": float(np.mean(history[-50:])), "heldout": errs,
         },

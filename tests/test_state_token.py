@@ -184,18 +184,22 @@ def test_weights_without_state_dynamics_get_a_clear_error(tiny_weights_dir, tmp_
         Weights.load(old)
 
 
-def test_shipped_state_dynamics_predicts_pushes_better_than_holding_still():
-    """The shipped weights on pokes at the T never seen in training (seeds far from the
-    training range): open loop over 4 and 8 frames the T lands within half of copy-last's
-    error and the pusher within 3 px. Fails for weights that do not model contact."""
+@pytest.mark.parametrize("policy, share_k8", [("poke", 0.5), ("jump", 0.75)])
+def test_shipped_state_dynamics_predicts_pushes_better_than_holding_still(policy, share_k8):
+    """The shipped weights on pokes at the T and on a sampling planner's fast jumps, from
+    seeds far from the training range: open loop the T lands within half of copy-last's
+    error 4 frames ahead (8 frames: half for pokes; the jumps' shoves, 0.6x today, within
+    0.75x), and the pusher is exact (kinematic in gym-pusht, linear in the inputs). Fails
+    for weights that do not model contact (the linear path alone: 0.8x)."""
     from experiments.collect import CollectConfig, collect_episode
     from experiments.train_world_model import _open_loop_errors, _state_arrays
 
-    cfg = CollectConfig(frames=12, random_policy_fraction=0.0, poke_policy_fraction=1.0,
-                        seed=5_000_000)
+    cfg = CollectConfig(frames=12, random_policy_fraction=0.0, seed=5_000_000,
+                        poke_policy_fraction=float(policy == "poke"),
+                        jump_policy_fraction=float(policy == "jump"))
     eps = [collect_episode(cfg, i) for i in range(12)]
     data = _state_arrays({k: np.stack([e[k] for e in eps]) for k in ("agent_pos", "block_pose", "actions")})
     errs = _open_loop_errors(Weights.load().state_net, data, horizons=(4, 8))
-    for k in (4, 8):
-        assert errs[f"block_px/k{k}"] < 0.5 * errs[f"copy_last_block_px/k{k}"], errs
-        assert errs[f"pusher_px/k{k}"] < 3.0, errs
+    for k, share in ((4, 0.5), (8, share_k8)):
+        assert errs[f"block_px/k{k}"] < share * errs[f"copy_last_block_px/k{k}"], errs
+        assert errs[f"pusher_px/k{k}"] < 0.01, errs

@@ -126,6 +126,11 @@ class StateDynamics(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         self.register_buffer("delta_scale", torch.ones(features.DELTA_DIM))
+        # The pusher is kinematic in gym-pusht (contacts never move it): its change is the
+        # linear path's alone, and the MLP's pusher outputs are masked out.
+        mask = torch.ones(features.DELTA_DIM)
+        mask[: features.DELTA_NAMES.index("d_agent_y") + 1] = 0.0
+        self.register_buffer("mlp_mask", mask, persistent=False)
 
     @torch.no_grad()
     def fit_linear(self, now, prev, action, last_action, nxt) -> None:
@@ -144,7 +149,7 @@ class StateDynamics(nn.Module):
 
     def scaled_delta(self, now, prev, action, last_action) -> torch.Tensor:
         x = features.dynamics_input(now, prev, action, last_action)
-        return self.mlp(x) + self.linear(x)
+        return self.mlp(x) * self.mlp_mask + self.linear(x)
 
     def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
                 last_action: torch.Tensor) -> torch.Tensor:
