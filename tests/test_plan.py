@@ -30,7 +30,7 @@ def test_config_groups_compose_into_a_structured_config():
     assert cfg.backend.name == "pusht-sim" and cfg.planner.planner == "cem"
     assert cfg.experiment.episodes == 50 and cfg.experiment.max_steps == 75
     default = compose_plan()
-    assert default.backend.name == "mini-dreamzero" and default.planner.planner == "mcts"
+    assert default.backend.name == "mini-dreamzero" and default.planner.planner == "cem" and default.planner.num_samples == 16
 
 
 def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
