@@ -300,9 +300,11 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     train = encode_episodes(vae, load_npz(cfg.train_data, cfg.tiny))
     test = encode_episodes(vae, load_npz(cfg.test_data, cfg.tiny))
     dcfg = DynamicsConfig(d_model=32, n_heads=2, n_layers=2) if cfg.tiny else DynamicsConfig()
+    init_id = None
     if cfg.init_from is not None:
         init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
         dcfg = DynamicsConfig(**init_meta["dynamics"])
+        init_id = init_meta.get("weights_id")
     if cfg.state_map != dcfg.state_map:
         dcfg = dataclasses.replace(dcfg, state_map=cfg.state_map)
     if cfg.residual != dcfg.residual:
@@ -313,9 +315,7 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
     state_net.load_state_dict(load_file(str(out_dir / "state_dynamics.safetensors")))
     state_net.eval()
     net = WorldTransformer(dcfg)
-    init_id = None
     if cfg.init_from is not None:
-        init_id = init_meta.get("weights_id")
         weights = load_file(str(Path(cfg.init_from) / "dynamics.safetensors"))
         old = weights["in_proj.weight"]
         if old.shape[1] < net.in_proj.weight.shape[1]:

@@ -625,12 +625,13 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
 
     net = Weights.load(out_dir).state_net
     windows = with_rest_frame(_state_arrays(load_npz(str(tmp_path / "train.npz"), True)))
+    states, actions = windows["state"][:, :4], windows["actions"][:, :3]
     assert net.mlp[-1].weight.abs().sum() > 0  # trained: the last layer started at zero
     with torch.no_grad():
-        trained = state_dynamics_loss(net, windows["state"][:, :4], windows["actions"][:, :3])[0]
+        trained = state_dynamics_loss(net, states, actions)[0]
         torch.nn.init.zeros_(net.mlp[-1].weight)
         torch.nn.init.zeros_(net.mlp[-1].bias)
-        linear = state_dynamics_loss(net, windows["state"][:, :4], windows["actions"][:, :3])[0]
+        linear = state_dynamics_loss(net, states, actions)[0]
     assert torch.isfinite(trained) and trained < 1.1 * linear, (trained, linear)
     for tag, factor in (("vae/loss", 0.9), ("dynamics/flow", 0.9)):
         losses = _scalars(run_dir, tag)
