@@ -16,13 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from agents.objectives import shaped_objective
+from agents.objectives import OBJECTIVES
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models.base import WorldModel
 from arcfab_gym.tasks import pusht
 from planners.cem import CEMConfig, CEMPlanner
+from planners.icem import ICEMConfig, ICEMPlanner, MPPIConfig, MPPIPlanner
 from planners.mcts import gumbel_muzero_policy, muzero_policy
 from planners.world import GoalObjective, WorldSearch, reward_objective, sequence_evaluator
+
+
+def relative_action_map(scale_px: float):
+    """``map(observations, u [N, 2]) -> actions``: the pusher's target ``u * scale_px``
+    from where each fork's pusher is."""
+
+    def action_map(observations, u: np.ndarray) -> np.ndarray:
+        pos = np.stack([np.asarray(o["agent_pos"], dtype=np.float64) for o in observations])
+        target = np.clip(pos + np.asarray(u, dtype=np.float64) * scale_px, 0.0, pusht.WORLD_SIZE)
+        return pusht.target_to_action(target)
+
+    return action_map
 
 
 def relative_moves(step_px: float = 40.0, n_directions: int = 8, rings: int = 2):
@@ -42,6 +55,11 @@ def relative_moves(step_px: float = 40.0, n_directions: int = 8, rings: int = 2)
     return candidates
 
 
+#: Planners over action sequences (a sampling distribution refit to elites).
+SEQUENCE_PLANNERS = ("cem", "icem", "mppi")
+PLANNERS = ("mcts", "gumbel", *SEQUENCE_PLANNERS, "random")
+
+
 @dataclass
 class MPCConfig:
     """Arguments of the MPC agent."""
@@ -58,12 +76,21 @@ class MPCConfig:
     """Size of the MCTS relative moves (px)."""
     cem: CEMConfig = field(default_factory=lambda: CEMConfig(horizon=5, num_samples=32,
                                                              num_elites=6, iterations=3))
-    """CEM / MPPI settings."""
+    """CEM settings."""
+    icem: ICEMConfig = field(default_factory=ICEMConfig)
+    """iCEM settings."""
+    mppi: MPPIConfig = field(default_factory=MPPIConfig)
+    """MPPI settings (TD-MPC2's)."""
     objective: str = "reward"
     """reward (the model's reward head), shaped (reward + distances read from the
     observation), or goal (distance to a goal state's embedding, via set_goal)."""
     record_tree: bool = True
     """Record every expanded node in the trajectory tree."""
+    actions: str = "absolute"
+    """What CEM / MPPI search over: absolute pusher targets (the action space), or
+    relative moves (``u * relative_px`` from where the pusher is at each step)."""
+    relative_px: float = 64.0
+    """Largest relative move per step (px)."""
 
 
 class MPCAgent:
@@ -71,20 +98,28 @@ class MPCAgent:
 
     def __init__(self, model: WorldModel, cfg: MPCConfig, rng: np.random.Generator,
                  *, tree: TrajectoryTree | None = None):
-        if cfg.planner not in ("mcts", "gumbel", "cem", "mppi", "random"):
-            raise ValueError(f"unknown planner {cfg.planner!r}: mcts, gumbel, cem, mppi, random")
+        if cfg.planner not in PLANNERS:
+            raise ValueError(f"unknown planner {cfg.planner!r}: {', '.join(PLANNERS)}")
         self.model, self.cfg, self.rng = model, cfg, rng
         self.tree = tree if tree is not None else TrajectoryTree()
         self.candidates = relative_moves(cfg.step_px)
-        if cfg.planner in ("cem", "mppi"):
-            ccfg = CEMConfig(**{**cfg.cem.__dict__, "mppi": cfg.planner == "mppi"})
-            self.cem = CEMPlanner([-1.0, -1.0], [1.0, 1.0], ccfg)
+        box = ([-1.0, -1.0], [1.0, 1.0])
+        if cfg.planner == "cem":
+            self.cem = CEMPlanner(*box, cfg.cem)
+        elif cfg.planner == "icem":
+            self.cem = ICEMPlanner(*box, cfg.icem)
+        elif cfg.planner == "mppi":
+            self.cem = MPPIPlanner(*box, cfg.mppi)
         if cfg.objective == "reward":
             self.objective = reward_objective
-        elif cfg.objective == "shaped":
-            self.objective = shaped_objective
+        elif cfg.objective in OBJECTIVES:
+            self.objective = OBJECTIVES[cfg.objective]
         elif cfg.objective != "goal":  # "goal" is set by set_goal()
-            raise ValueError(f"unknown objective {cfg.objective!r}: reward, shaped or goal")
+            raise ValueError(f"unknown objective {cfg.objective!r}: reward, "
+                             f"{', '.join(OBJECTIVES)} or goal")
+        if cfg.actions not in ("absolute", "relative"):
+            raise ValueError(f"unknown actions {cfg.actions!r}: absolute or relative")
+        self.action_map = relative_action_map(cfg.relative_px) if cfg.actions == "relative" else None
         self.stats: dict[str, Any] = {}
         #: The action sequence behind the last action (its first row): CEM's sequence, or
         #: MCTS's principal variation (most visited children from the chosen action on).
@@ -108,14 +143,17 @@ class MPCAgent:
             action = self.rng.uniform(-1, 1, 2).astype(np.float32)
             self.stats = {}
             self.plan = action[None]
-        elif planner in ("cem", "mppi"):
+        elif planner in SEQUENCE_PLANNERS:
+            root_obs = self.model.observe()
             res = self.cem.plan(
                 sequence_evaluator(self.model, root, objective=self.objective,
-                                   discount=self.cfg.discount),
+                                   discount=self.cfg.discount, action_map=self.action_map,
+                                   root_observation=root_obs),
                 self.rng,
             )
-            action = res.action
-            self.plan = res.sequence
+            action, self.plan = res.action, res.sequence
+            if self.action_map is not None:  # the executed move; the rest stays relative
+                action = self.action_map([root_obs], action[None])[0]
             self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
                           "model_steps": res.evaluations * self.cem.cfg.horizon}
         else:

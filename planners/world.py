@@ -29,6 +29,8 @@ from planners.mcts import RecurrentFnOutput, RootFnOutput, Tree
 
 #: objective(model, step_output, next_state) -> float, higher is better.
 Objective = Callable[[WorldModel, StepOutput, ModelState], float]
+#: action_map(observations, u [N, A]) -> backend actions [N, A] (float32).
+ActionMap = Callable[[Sequence[dict[str, np.ndarray]], np.ndarray], np.ndarray]
 
 
 def reward_objective(model: WorldModel, out: StepOutput, state: ModelState) -> float:
@@ -53,6 +55,15 @@ class GoalObjective:
         return -float(np.linalg.norm(model.embed(state) - self.goal)) / self.scale
 
 
+def absorbing_weight(discount: float, step: int, horizon: int) -> float:
+    """Weight of an absorbing (terminal) state's value reached at ``step``: counted at
+    that step and every step after, ``discount**step / (1 - discount)``; with
+    ``discount = 1`` to the end of the horizon."""
+    if discount < 1.0:
+        return discount**step / (1.0 - discount)
+    return float(horizon - step)
+
+
 def sequence_evaluator(
     model: WorldModel,
     root: ModelState,
@@ -60,12 +71,22 @@ def sequence_evaluator(
     objective: Objective = reward_objective,
     discount: float = 1.0,
     on_rollout: Callable[[np.ndarray, list[StepOutput]], None] | None = None,
+    action_map: ActionMap | None = None,
+    root_observation: dict[str, np.ndarray] | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``evaluate(actions [N, H, A]) -> returns [N]`` by forking ``root`` N times.
 
-    Rewards after a terminal step are not counted (the episode ended there).
+    A terminal step ends the episode in an absorbing state: its objective value is counted
+    for every step after it, forever (``v * discount**h / (1 - discount)`` in all), so
+    that reaching the goal early is worth more than hovering next to it; with
+    ``discount = 1`` it is counted to the end of the horizon.
     ``on_rollout(actions, last_outputs)`` is called after each evaluation (for logging).
+    ``action_map(observations, u [N, A]) -> actions [N, A]`` turns the planner's variables
+    into the backend's actions given each fork's last observation (e.g. moves relative to
+    an agent); it needs ``root_observation`` for the first step.
     """
+    if action_map is not None and root_observation is None:
+        raise ValueError("action_map needs root_observation (the observation at the root)")
 
     def evaluate(seqs: np.ndarray) -> np.ndarray:
         seqs = np.asarray(seqs, dtype=np.float32)
@@ -74,11 +95,16 @@ def sequence_evaluator(
         returns = np.zeros(n)
         alive = np.ones(n, dtype=bool)
         outs: list[StepOutput] = []
+        obs = [root_observation] * n
         for h in range(horizon):
-            states, outs = model.step_batch(states, seqs[:, h])
+            actions = seqs[:, h] if action_map is None else action_map(obs, seqs[:, h])
+            states, outs = model.step_batch(states, actions)
+            obs = [o.observation for o in outs]
             values = np.array([objective(model, o, s) for o, s in zip(outs, states)])
-            returns += alive * discount**h * values
-            alive &= ~np.array([o.terminated for o in outs])
+            ended = alive & np.array([o.terminated for o in outs])
+            returns += (alive & ~ended) * discount**h * values
+            returns += ended * values * absorbing_weight(discount, h, horizon)
+            alive &= ~ended
         if on_rollout is not None:
             on_rollout(seqs, outs)
         return returns
@@ -159,7 +185,9 @@ class WorldSearch:
             v = (self.value_fn(self.model, out, state) if self.value_fn is not None
                  else r / max(1e-6, 1.0 - self.discount))  # fmt: skip
             new_ids.append(self._put(state, cid, kind="search", action=act.tolist(), reward=r))
-            rewards.append(r)
+            # A terminal state is absorbing: its reward holds forever (see
+            # absorbing_weight), so that reaching the goal beats hovering next to it.
+            rewards.append(r / max(1e-6, 1.0 - self.discount) if out.terminated else r)
             values.append(0.0 if out.terminated else v)
             discounts.append(0.0 if out.terminated else self.discount)
         a = len(self._actions[new_ids[0]])
