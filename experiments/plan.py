@@ -43,6 +43,7 @@ from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
 from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
 from planners.cem import CEMConfig
+from planners.icem import ICEMConfig, MPPIConfig
 
 
 @dataclass
@@ -56,32 +57,46 @@ class BackendConfig:
 @dataclass
 class PlannerConfig:
     planner: str = "mcts"
-    """mcts, gumbel, cem, mppi or random."""
+    """mcts, gumbel, cem, icem, mppi or random."""
     num_simulations: int = 32
     """MCTS simulations per action."""
     max_depth: int = 4
     """MCTS depth limit."""
     horizon: int = 5
-    """CEM / MPPI horizon."""
+    """CEM / iCEM / MPPI horizon."""
     num_samples: int = 32
-    """CEM / MPPI samples per iteration."""
+    """CEM / iCEM / MPPI samples per iteration (iCEM: of the first)."""
     num_elites: int = 6
-    """CEM / MPPI elites."""
+    """CEM / iCEM / MPPI elites."""
     iterations: int = 3
-    """CEM / MPPI iterations."""
+    """CEM / iCEM / MPPI iterations."""
+    noise_beta: float = 2.0
+    """iCEM: colour of the sampling noise along time (0 white, 2 smooth)."""
+    keep_elites: float = 0.3
+    """iCEM: fraction of elites kept between iterations and calls."""
+    sample_decay: float = 1.25
+    """iCEM: sample count shrinks by this factor per iteration."""
+    temperature: float = 0.5
+    """MPPI: elite weights exp(temperature * (return - max))."""
     discount: float = 0.9
     """Planning discount."""
     step_px: float = 40.0
     """MCTS move size (px)."""
+    actions: str = "absolute"
+    """CEM / iCEM / MPPI search space: absolute pusher targets or relative moves."""
 
     def mpc(self, *, objective: str, record_tree: bool = True) -> MPCConfig:
         """The MPC agent's configuration for this planner."""
+        seq = dict(horizon=self.horizon, num_samples=self.num_samples,
+                   num_elites=self.num_elites, iterations=self.iterations)
         return MPCConfig(
             planner=self.planner, num_simulations=self.num_simulations,
             max_depth=self.max_depth, discount=self.discount, step_px=self.step_px,
-            objective=objective, record_tree=record_tree,
-            cem=CEMConfig(horizon=self.horizon, num_samples=self.num_samples,
-                          num_elites=self.num_elites, iterations=self.iterations),
+            objective=objective, record_tree=record_tree, actions=self.actions,
+            cem=CEMConfig(**seq),
+            icem=ICEMConfig(**seq, noise_beta=self.noise_beta, keep_elites=self.keep_elites,
+                            sample_decay=self.sample_decay),
+            mppi=MPPIConfig(**seq, temperature=self.temperature),
         )  # fmt: skip
 
 
@@ -107,7 +122,8 @@ class PlanConfig:
     tree_pages: bool = True
     """Write a D3 page of each episode's search tree."""
     objective: str = "reward"
-    """Planning objective: reward (the model's reward head) or shaped (+ distances)."""
+    """Planning objective: reward (the backend's reward), shaped (+ distances) or pose
+    (+ the T's keypoint distance to its goal; agents/objectives.py)."""
     audit_plans: bool = True
     """Also audit each chosen plan: the model's predicted reward over the whole planned
     sequence vs the real Push-T's for the same sequence from the same state."""
