@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.objectives import OBJECTIVES
+from agents.objectives import OBJECTIVES, GoalPoseObjective
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models.base import WorldModel
 from arcfab_gym.tasks import pusht
@@ -126,8 +126,13 @@ class MPCAgent:
         self.plan = np.zeros((0, 2), dtype=np.float32)
 
     def set_goal(self, goal_state) -> None:
-        """Plan towards ``goal_state`` (a ModelState of this model) instead of the reward."""
+        """Plan towards ``goal_state`` (a ModelState of this model) in the model's own
+        embedding space (DINO-WM's cost) instead of the reward."""
         self.objective = GoalObjective.from_state(self.model, goal_state)
+
+    def set_goal_pose(self, agent_pos: np.ndarray, block_pose: np.ndarray) -> None:
+        """Plan towards a goal pusher position and T pose (read from the predicted state)."""
+        self.objective = GoalPoseObjective(agent_pos, block_pose)
 
     def reset(self) -> None:
         if hasattr(self, "cem"):

@@ -34,6 +34,16 @@ POSE_SCALE_PX = 20.0
 REACH_WEIGHT = 0.1
 
 
+def keypoint_distance(block_pose: np.ndarray, goal_pose: np.ndarray) -> float:
+    """Mean distance (px) between the T's eight corner keypoints at two poses."""
+    kp = pusht.keypoints(np.asarray(block_pose, dtype=np.float64))
+    return float(np.linalg.norm(kp - pusht.keypoints(np.asarray(goal_pose, np.float64)), axis=1).mean())
+
+
+def _pose_score(d: float) -> float:
+    return 1.0 - d / (d + POSE_SCALE_PX) - d / 256.0
+
+
 def pose_objective(model: WorldModel, out: StepOutput, state: ModelState) -> float:
     """From the mean keypoint distance ``d`` (px) between the T and its goal: a steep term
     near the goal, ``1 - d / (d + POSE_SCALE_PX)``, and a linear one, ``-d / 256``, that
@@ -42,11 +52,27 @@ def pose_objective(model: WorldModel, out: StepOutput, state: ModelState) -> flo
     round covers 65 % of its goal, and turning it back loses coverage first)."""
     obs = out.observation
     block = np.asarray(obs["block_pose"], dtype=np.float64)
-    goal = np.asarray(obs["goal_pose"], dtype=np.float64)
-    d = float(np.linalg.norm(pusht.keypoints(block) - pusht.keypoints(goal), axis=1).mean())
+    d = keypoint_distance(block, obs["goal_pose"])
     reach = np.linalg.norm(np.asarray(obs["agent_pos"], dtype=np.float64) - pusht.block_centre(block))
-    return float(1.0 - d / (d + POSE_SCALE_PX) - d / 256.0 - REACH_WEIGHT * reach / 256.0)
+    return float(_pose_score(d) - REACH_WEIGHT * reach / 256.0)
+
+
+class GoalPoseObjective:
+    """Reaching a goal *state* (stable-worldmodel's goal-reaching task): the pose score of
+    the T against the goal's T, plus the same score of the pusher's distance to the
+    goal's pusher (success needs both within 20 px)."""
+
+    def __init__(self, goal_agent_pos: np.ndarray, goal_block_pose: np.ndarray):
+        self.agent = np.asarray(goal_agent_pos, dtype=np.float64)
+        self.block = np.asarray(goal_block_pose, dtype=np.float64)
+
+    def __call__(self, model: WorldModel, out: StepOutput, state: ModelState) -> float:
+        obs = out.observation
+        d = keypoint_distance(obs["block_pose"], self.block)
+        a = float(np.linalg.norm(np.asarray(obs["agent_pos"], dtype=np.float64) - self.agent))
+        return _pose_score(d) + _pose_score(a)
 
 
 OBJECTIVES = {"shaped": shaped_objective, "pose": pose_objective}
-__all__ = ["OBJECTIVES", "pose_objective", "shaped_objective"]
+__all__ = ["OBJECTIVES", "GoalPoseObjective", "keypoint_distance", "pose_objective",
+           "shaped_objective"]

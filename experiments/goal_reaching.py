@@ -6,9 +6,11 @@ steps later within ``budget`` control steps; success means the pusher and the T 
 within 20 px of their goal positions and the T's angle within pi/9. As in
 stable-worldmodel, offset and budget count environment (control) steps; the planner acts
 every ``action_repeat`` of them (the model's frame), and success is checked after each
-action (so a pass in the middle of an action is missed). The planner optimises the
-distance to the goal in the model's own embedding space (``GoalObjective``: the latent
-for mini-dreamzero, the physical state for pusht-sim).
+action (so a pass in the middle of an action is missed). The planner's cost is the
+terminal pose distance (``objective=pose``, default: the T's keypoint distance to the
+goal's T and the pusher's distance to the goal's pusher, read from the model's predicted
+state) or the distance in the model's own embedding space (``objective=embedding``,
+DINO-WM's cost: the latent for mini-dreamzero, the physical state for pusht-sim).
 
     python -m experiments.goal_reaching backend=pusht_sim planner=cem episodes=50
     python -m experiments.goal_reaching backend=mini_dreamzero planner=cem episodes=50
@@ -56,6 +58,8 @@ class GoalReachingConfig:
     """Control steps per planned action (the model's frame)."""
     seed: int = 0
     """First seed (expert trajectory seed + episode)."""
+    objective: str = "pose"
+    """pose (terminal pose distance, from the predicted state) or embedding."""
 
 
 ConfigStore.instance().store(name="goal_reaching_schema", node=GoalReachingConfig)
@@ -75,6 +79,8 @@ def reached(info: dict[str, Any], goal_agent: np.ndarray, goal_block: np.ndarray
 
 
 def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
+    if cfg.objective not in ("pose", "embedding"):
+        raise ValueError(f"objective must be pose or embedding, got {cfg.objective!r}")
     for name in ("episodes", "goal_offset", "budget", "action_repeat"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -101,10 +107,13 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
         model.start(prompt, seed, start)
         scratch.start(prompt, seed, goal)
         agent = MPCAgent(model, p.mpc(objective="goal", record_tree=False), rng)
-        agent.set_goal(scratch.extract_state())
-        success, times = False, []
         goal_agent = expert["agent_pos"][g].astype(np.float64)
         goal_block = expert["block_pose"][g].astype(np.float64)
+        if cfg.objective == "pose":
+            agent.set_goal_pose(goal_agent, goal_block)
+        else:
+            agent.set_goal(scratch.extract_state())
+        success, times = False, []
         for step in range(n_actions):
             action = agent.act()
             times.append(agent.stats["planning_seconds"])
@@ -125,7 +134,7 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
         "planner": p.planner, "backend": model.name, "episodes": len(results),
         "success_rate": statistics.mean(r["success"] for r in results),
         "seconds_per_action": statistics.mean(r["seconds_per_action"] for r in results),
-        "goal_offset": cfg.goal_offset, "budget": cfg.budget, "action_repeat": cfg.action_repeat,
+        "objective": cfg.objective, "goal_offset": cfg.goal_offset, "budget": cfg.budget, "action_repeat": cfg.action_repeat,
         "wall_seconds": time.perf_counter() - t0,
         "protocol": "stable-worldmodel Push-T goal reaching; start/goal pairs from this "
                     "project's scripted-pusher trajectories; offset and budget in control steps",
