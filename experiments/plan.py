@@ -252,10 +252,24 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
     writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in summary.items()
                                  if isinstance(v, float)}, run_name=".")  # fmt: skip
     writer.close()
-    doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+    doc = {"summary": summary, "config": _config_dict(cfg),
            "episodes": results}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
     return doc
+
+
+def _config_dict(cfg: Any) -> Any:
+    """The config as plain data, read from the instances' ``__dict__``: a launcher that
+    pickles this ``__main__`` by value (submitit, under the cloudpickle < 3 that
+    hydra-ray-launcher pins) rebuilds the dataclasses with fields that ``dataclasses.fields``
+    and OmegaConf no longer recognise, and the config came out ``{}``."""
+    if hasattr(cfg, "__dataclass_fields__"):
+        return {k: _config_dict(v) for k, v in vars(cfg).items()}
+    if isinstance(cfg, dict):
+        return {k: _config_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_config_dict(v) for v in cfg]
+    return cfg
 
 
 def episode_table(doc: dict[str, Any]) -> str:
