@@ -192,6 +192,30 @@ def test_root_parallel_mcts_equals_one_process(cluster):
     assert len({tuple(s["visits"]) for s in a.searches}) > 1
 
 
+def test_parallel_agent_plans_as_one_process_in_the_plan_app(cluster, tmp_path):
+    """experiments.plan with parallel=ray: CEM's real-world rewards equal the one-process
+    run's (same seeds); MCTS runs as root-parallel searches."""
+    from experiments.plan import ParallelConfig, PlanConfig, PlannerConfig, run
+    from experiments.plan import BackendConfig, ExperimentConfig
+
+    def plan(actors: int, planner: str) -> dict:
+        cfg = PlanConfig(
+            backend=BackendConfig(name="pusht-sim", kwargs={"action_repeat": 4, "frame_size": 64}),
+            planner=PlannerConfig(planner=planner, horizon=3, num_samples=8, num_elites=3,
+                                  iterations=2, num_simulations=6, max_depth=2),
+            experiment=ExperimentConfig(episodes=1, max_steps=3),
+            parallel=ParallelConfig(actors=actors), objective="shaped", tree_pages=False,
+            audit_plans=False)  # fmt: skip
+        return run(cfg, tmp_path / f"{planner}_{actors}")
+
+    one, two = plan(0, "cem"), plan(2, "cem")
+    assert two["summary"]["actors"] == 2 and two["config"]["parallel"]["actors"] == 2
+    assert one["episodes"][0]["rewards"] == two["episodes"][0]["rewards"]
+    mcts = plan(2, "mcts")
+    assert mcts["episodes"][0]["steps"] == 3
+    assert mcts["episodes"][0]["model_steps_per_action"] == 2 * 6  # two searches of 6
+
+
 # --- a killed actor -------------------------------------------------------------------------
 def test_killed_actor_mid_cem_is_retried_or_a_clear_error(cluster):
     model = create_world_model("pusht-sim")

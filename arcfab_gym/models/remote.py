@@ -57,12 +57,16 @@ def require_ray():
     return ray
 
 
-def init_local_ray(num_cpus: int = 2, **kwargs: Any):
+def init_local_ray(num_cpus: int | None = None, **kwargs: Any):
     """Start (or join, if one is running in this process) a local Ray instance on the
-    loopback address only, without the dashboard or usage reporting; returns ``ray``."""
+    loopback address only, without the dashboard or usage reporting; returns ``ray``.
+    ``num_cpus=None`` lets Ray count the cores. With ``RAY_ADDRESS`` set (a cluster),
+    it connects there instead (``ray.init()`` reads the variable)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = require_ray()
-    if not ray.is_initialized():
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    elif not ray.is_initialized():
         options = {"num_cpus": num_cpus, "include_dashboard": False,
                    "_node_ip_address": "127.0.0.1", "log_to_driver": False,
                    "configure_logging": False}  # fmt: skip
