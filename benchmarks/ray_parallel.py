@@ -85,7 +85,9 @@ def main() -> None:
     t0 = time.perf_counter()
     pools = {0: WorkerPool(args.backend, actors=0)}
     for n in (1, 2):
-        pools[n] = WorkerPool(args.backend, actors=n, torch_threads=1)
+        # 0.5 CPU each (a logical reservation: each actor runs one torch thread), so the
+        # 1-actor and 2-actor pools fit the 2-CPU instance together and rounds interleave.
+        pools[n] = WorkerPool(args.backend, actors=n, torch_threads=1, num_cpus=0.5)
     print(f"actors started: {time.perf_counter() - t0:.1f} s")
     times: dict[int, list[float]] = {k: [] for k in pools}
     actions = {}
@@ -95,6 +97,19 @@ def main() -> None:
         for k, pool in pools.items():
             dt, act = plan_once(pool, model, cfg, seed=100 + r)
             times[k].append(dt)
+    # Where the time goes: one evaluation of the whole batch and of half of it, in this
+    # process (what each of 2 actors runs per iteration, minus the remote call).
+    from planners.world import sequence_evaluator
+
+    seqs = np.random.default_rng(5).uniform(-1, 1, (args.samples, args.horizon, 2))
+    evaluate = sequence_evaluator(model, model.extract_state(), discount=0.9)
+    batch_s = {}
+    for n in (args.samples, args.samples // 2):
+        evaluate(seqs[:n])
+        t0 = time.perf_counter()
+        for _ in range(3):
+            evaluate(seqs[:n])
+        batch_s[n] = (time.perf_counter() - t0) / 3
     same = all(np.array_equal(actions[0], a) for a in actions.values())
     med = {k: statistics.median(v) for k, v in times.items()}
     root_kb = pools[2].stats.root_bytes[-1] / 1024
@@ -105,6 +120,12 @@ def main() -> None:
         print(f"| {labels[k]} | {med[k]:.3f} | {med[0] / med[k]:.2f}x |")
     print(f"\n1 actor / 2 actors: {med[1] / med[2]:.2f}x faster with 2 (same action from "
           f"every pool: {same}); root snapshot sent per plan call: {root_kb:.0f} KiB per actor")
+    full, half = args.samples, args.samples // 2
+    print(f"one evaluation in this process: {full} sequences {batch_s[full]:.3f} s, {half} "
+          f"sequences {batch_s[half]:.3f} s (half the batch costs "
+          f"{batch_s[half] / batch_s[full]:.0%} of the time: the best 2 actors can do is "
+          f"{batch_s[full] / batch_s[half]:.2f}x)")
+    print(f"load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     for pool in pools.values():
         pool.close()
     oh = call_overhead("pusht-sim", args.calls)
