@@ -148,6 +148,35 @@ def test_local_and_remote_are_bit_identical(cluster, backend):
     assert remote.client.dead  # the owned actor went with its last model
 
 
+def test_a_session_over_a_remote_model_forks_and_rewinds_like_a_local_one(client):
+    """The state layer on top: checkpoint, fork (a spawn on the same actor), rewind and
+    restore give the local session's observations."""
+    from arcfab_gym.fabric.session import Session
+
+    acts = contract.random_actions(12, seed=3)
+
+    def script(model) -> list:
+        s = Session(model)
+        s.reset(prompt=model.prompts[0], seed=1)
+        seen = [s.step(a)[0]["block_pose"] for a in acts[:4]]
+        cid = s.checkpoint()
+        branch = s.fork(cid, new_seed=5, actions=acts[4:8])
+        seen.append(branch.observe()["block_pose"])
+        seen += [s.step(a)[0]["block_pose"] for a in acts[8:]]
+        s.rewind(2)
+        seen.append(s.observe()["block_pose"])
+        s.restore(cid)
+        seen.append(s.step(acts[0])[0]["block_pose"])
+        s.close()
+        branch.close()
+        return seen
+
+    local = script(create_world_model("pusht-sim"))
+    remote = script(RemoteWorldModel("pusht-sim", client=client))
+    for a, b in zip(local, remote, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- root-parallel search -----------------------------------------------------------------
 def _plan_cem(pool: WorkerPool, model, seed: int, iterations: int = 2, on_eval=None):
     pool.set_root(model)
@@ -190,6 +219,14 @@ def test_root_parallel_mcts_equals_one_process(cluster):
     np.testing.assert_array_equal(a.plan, b.plan)
     # The searches were seeded apart (Gumbel noise differs), so they are not all alike.
     assert len({tuple(s["visits"]) for s in a.searches}) > 1
+
+
+def test_parallel_config_group_composes():
+    from test_plan import compose_plan
+
+    assert compose_plan().parallel.actors == 0  # the default: one process, no Ray
+    cfg = compose_plan("parallel=ray", "parallel.actors=3")
+    assert (cfg.parallel.actors, cfg.parallel.searches, cfg.parallel.max_retries) == (3, 0, 1)
 
 
 def test_parallel_agent_plans_as_one_process_in_the_plan_app(cluster, tmp_path):
