@@ -189,7 +189,8 @@ class WorkerPool:
             model.load_state(state)
         snap = WorldStateSnapshot.from_model(model)
         if snap.backend != self.backend:
-            raise ValueError(f"the root is a {snap.backend!r} state; this pool runs {self.backend!r}")
+            raise ValueError(
+                f"the root is a {snap.backend!r} state; this pool runs {self.backend!r}")
         self._root = snap.to_bytes()
         self.stats.root_bytes.append(len(self._root))
         old = self._root_sids

@@ -130,7 +130,8 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             isinstance(max_episode_frames, bool) or int(max_episode_frames) != max_episode_frames
             or max_episode_frames < 1
         ):
-            raise ValueError(f"max_episode_frames must be an int >= 1 or None, got {max_episode_frames!r}")
+            raise ValueError(
+                f"max_episode_frames must be an int >= 1 or None, got {max_episode_frames!r}")
         self.max_episode_frames = None if max_episode_frames is None else int(max_episode_frames)
         self._spec: EnvSpec | None = None
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
