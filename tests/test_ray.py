@@ -285,6 +285,30 @@ def test_killed_actor_mid_cem_is_retried_or_a_clear_error(cluster):
         pool.close()
 
 
+def test_killed_actor_mid_root_parallel_mcts_is_retried_with_the_same_answer(cluster):
+    kwargs = {"action_repeat": 4, "frame_size": 64}
+    model = create_world_model("pusht-sim", **kwargs)
+    model.start(model.prompts[0], seed=1)
+    budget = {"searches": 2, "seed": 3, "num_simulations": 300, "max_depth": 4}
+    with WorkerPool("pusht-sim", kwargs, actors=0) as local:
+        local.set_root(model)
+        t0 = time.perf_counter()
+        reference = local.root_parallel_search(_candidates, **budget)
+        one_search_s = (time.perf_counter() - t0) / 2
+    with WorkerPool("pusht-sim", kwargs, actors=2, max_retries=1) as pool:
+        pool.set_root(model)
+        victim = pool.workers[1].client.actor
+        # Killed a third of the way into its search (each search took one_search_s here).
+        timer = threading.Timer(one_search_s / 3, lambda: ray.kill(victim, no_restart=True))
+        timer.start()
+        got = pool.root_parallel_search(_candidates, **budget)
+        timer.join()
+        assert pool.stats.retries == 1, one_search_s
+    np.testing.assert_array_equal(got.visits, reference.visits)
+    np.testing.assert_array_equal(got.q, reference.q)
+    assert got.index == reference.index
+
+
 def test_killed_actor_under_a_remote_model_is_a_clear_error(cluster):
     """A model whose actor dies mid-search says so on the next call; no stale answer."""
     from planners.mcts import muzero_policy
