@@ -70,9 +70,10 @@ for _env_id, _backend, _steps in (
     ("ArcFabric-PushTSim-v0", "pusht-sim", MAX_EPISODE_STEPS),
 ):
     if _env_id not in registry:
+        # The episode clock lives in the env's state (ALE's way), so no TimeLimit:
+        # env.spec.max_episode_steps still reads the limit once the env is made.
         register(
             id=_env_id,
             entry_point=_ENTRY,
-            max_episode_steps=_steps,
-            kwargs={"backend": _backend},
+            kwargs={"backend": _backend, "max_episode_frames": _steps},
         )

@@ -26,6 +26,9 @@ class UnknownPromptError(ArcFabricError, ValueError):
         listing = "\n".join(f"  - {p!r}" for p in self.valid)
         super().__init__(f"unknown prompt {prompt!r}; valid prompts are:\n{listing}")
 
+    def __reduce__(self):  # picklable (errors cross process boundaries, e.g. from Ray actors)
+        return (type(self), (self.prompt, self.valid))
+
 
 class UnknownBackendError(ArcFabricError, KeyError):
     """A backend name that is not registered."""
@@ -34,6 +37,9 @@ class UnknownBackendError(ArcFabricError, KeyError):
         self.name = name
         self.valid = tuple(valid)
         super().__init__(f"unknown world model {name!r}; registered: {', '.join(self.valid)}")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.valid))
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
@@ -44,8 +50,12 @@ class UnknownCheckpointError(ArcFabricError, KeyError):
 
     def __init__(self, checkpoint_id: str, hint: str = ""):
         self.checkpoint_id = checkpoint_id
+        self.hint = hint
         msg = f"unknown checkpoint {checkpoint_id!r}"
         super().__init__(msg + (f": {hint}" if hint else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.checkpoint_id, self.hint))
 
     def __str__(self) -> str:
         return self.args[0]

@@ -109,10 +109,23 @@ class ExperimentConfig:
 
 
 @dataclass
+class ParallelConfig:
+    actors: int = 0
+    """Ray actors the search is spread over (0: one process, no Ray; configs/parallel/)."""
+    searches: int = 0
+    """MCTS / Gumbel: independent root searches per action (0: one per actor)."""
+    num_cpus: float = 1.0
+    """CPUs each actor reserves."""
+    max_retries: int = 1
+    """Reruns of a search job whose actor died, before the error is raised."""
+
+
+@dataclass
 class PlanConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prompt: str = pusht.DEFAULT_PROMPT
     """Goal of the episodes."""
     seed: int = 0
@@ -164,7 +177,7 @@ def plan_returns(model, real: PushTSim, scratch: PushTSim,
 
 
 def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out_dir: Path,
-                bar: tqdm) -> dict[str, Any]:
+                bar: tqdm, pool=None) -> dict[str, Any]:
     seed = cfg.seed + episode
     rng = np.random.default_rng(seed)
     init = pusht.sample_initial_state(rng)
@@ -177,7 +190,13 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     p = cfg.planner
     store = StateManager(model)
     tree = TrajectoryTree(store=store)
-    agent = MPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree)
+    if pool is None:
+        agent = MPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree)
+    else:  # parallel=ray: the search on Ray actors (planners/parallel.py)
+        from agents.parallel import ParallelMPCAgent
+
+        agent = ParallelMPCAgent(model, p.mpc(objective=cfg.objective), rng, tree=tree,
+                                 pool=pool, searches=cfg.parallel.searches)  # fmt: skip
     plan_times, stats_log, cov, success = [], [], 0.0, False
     rewards: list[float] = []  # real, per step
     predicted: list[float] = []  # the model's, for the same executed actions
@@ -247,9 +266,20 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
     results = []
     total = cfg.experiment.episodes * cfg.experiment.max_steps
     t0 = time.perf_counter()
-    with tqdm(total=total, desc=f"{cfg.planner.planner} in {cfg.backend.name}", unit="step") as bar:
-        for k in range(cfg.experiment.episodes):
-            results.append(run_episode(cfg, model, k, writer, out_dir, bar))
+    pool = None
+    if cfg.parallel.actors > 0:  # Ray only here, never on the default path
+        from planners.parallel import WorkerPool
+
+        pool = WorkerPool(cfg.backend.name, cfg.backend.kwargs, actors=cfg.parallel.actors,
+                          num_cpus=cfg.parallel.num_cpus, max_retries=cfg.parallel.max_retries)
+    try:
+        with tqdm(total=total, desc=f"{cfg.planner.planner} in {cfg.backend.name}",
+                  unit="step") as bar:  # fmt: skip
+            for k in range(cfg.experiment.episodes):
+                results.append(run_episode(cfg, model, k, writer, out_dir, bar, pool=pool))
+    finally:
+        if pool is not None:
+            pool.close()
     summary = {
         "planner": cfg.planner.planner, "backend": cfg.backend.name,
         "episodes": len(results),
@@ -261,6 +291,7 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
         "mean_plan_return_gap": (statistics.mean(r["plan_return_gap"] for r in results)
                                  if cfg.audit_plans else None),
         "wall_seconds": time.perf_counter() - t0,
+        "actors": cfg.parallel.actors,
     }  # fmt: skip
     hparams = {"planner": cfg.planner.planner, "backend": cfg.backend.name,
                "num_simulations": cfg.planner.num_simulations, "horizon": cfg.planner.horizon,
@@ -268,10 +299,24 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
     writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in summary.items()
                                  if isinstance(v, float)}, run_name=".")  # fmt: skip
     writer.close()
-    doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+    doc = {"summary": summary, "config": _config_dict(cfg),
            "episodes": results}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
     return doc
+
+
+def _config_dict(cfg: Any) -> Any:
+    """The config as plain data, read from the instances' ``__dict__``: a launcher that
+    pickles this ``__main__`` by value (submitit, under the cloudpickle < 3 that
+    hydra-ray-launcher pins) rebuilds the dataclasses with fields that ``dataclasses.fields``
+    and OmegaConf no longer recognise, and the config came out ``{}``."""
+    if hasattr(cfg, "__dataclass_fields__"):
+        return {k: _config_dict(v) for k, v in vars(cfg).items()}
+    if isinstance(cfg, dict):
+        return {k: _config_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_config_dict(v) for v in cfg]
+    return cfg
 
 
 def episode_table(doc: dict[str, Any]) -> str:

@@ -152,7 +152,7 @@ def make_env(world: str, reward: str, max_steps: int, action_repeat: int = 4, *,
     backend_kwargs = dict(world_kwargs or {})
     if world == "pusht-sim":
         backend_kwargs = {"action_repeat": action_repeat, "frame_size": 64, **backend_kwargs}
-    env = gym.make("ArcFabric-v0", backend=world, max_episode_steps=max_steps,
+    env = gym.make("ArcFabric-v0", backend=world, max_episode_frames=max_steps,
                    backend_kwargs=backend_kwargs)
     if relative_px is not None:
         env = RelativeTargets(env, max_step_px=relative_px)

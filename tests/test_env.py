@@ -36,7 +36,8 @@ def test_registration_forms_and_spec():
     # mini-dreamzero's frame is 4 control steps: the same 30 s as gym-pusht's 300 steps.
     assert env.spec.max_episode_steps == pusht.MAX_EPISODE_STEPS // 4
     assert env.spec.kwargs["backend"] == "mini-dreamzero"
-    assert gym.spec("ArcFabric-PushTSim-v0").max_episode_steps == pusht.MAX_EPISODE_STEPS
+    # The clock lives in the env (no TimeLimit): the registered limit is an env argument.
+    assert gym.spec("ArcFabric-PushTSim-v0").kwargs["max_episode_frames"] == pusht.MAX_EPISODE_STEPS
     assert isinstance(env.unwrapped.fabric, Session)
     assert env.unwrapped.prompts == pusht.PROMPTS
     assert env.action_space == gym.spaces.Box(-1, 1, (2,), np.float32)

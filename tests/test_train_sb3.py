@@ -212,7 +212,7 @@ def test_ppo_learns_to_reach_the_t_through_this_pipeline():
     from experiments.train_sb3 import ALGORITHM_DEFAULTS
 
     def reach_env() -> gym.Env:
-        env = gym.make("ArcFabric-v0", backend="pusht-sim", max_episode_steps=75,
+        env = gym.make("ArcFabric-v0", backend="pusht-sim", max_episode_frames=75,
                        backend_kwargs={"action_repeat": 4, "frame_size": 64})
         return PushTFeatures(_ReachTheT(RelativeTargets(env)))
 

@@ -8,12 +8,14 @@ the :class:`~arcfab_gym.fabric.session.Session` at ``env.unwrapped.fabric``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.registration import EnvSpec
 
 from arcfab_gym.fabric.session import Session
 from arcfab_gym.fabric.snapshot import WorldStateSnapshot
@@ -74,8 +76,15 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     ## Episode End
 
-    Terminated when the coverage exceeds 95 %; truncated after ``max_episode_steps`` (300
-    in the registered specs) by gymnasium's ``TimeLimit``.
+    Terminated when the coverage exceeds 95 %; truncated once the frame index held in the
+    env's own state reaches ``max_episode_frames`` (ALE's way: 300 for
+    ``ArcFabric-PushTSim-v0``, 75 for ``ArcFabric-v0``, whose frames are 4 control steps).
+    One env step is one frame, and the clock is part of what ``clone_state`` takes, so
+    ``restore_state`` (or ``fabric.restore`` / ``rewind``) gives back the time that was
+    left. The registered specs add no ``TimeLimit``; ``env.spec.max_episode_steps`` still
+    reads the limit. (``gym.make(..., max_episode_steps=N)`` is gymnasium's own argument
+    and wraps a ``TimeLimit`` whose counter lives outside the state; pass
+    ``max_episode_frames=N`` instead.)
 
     ## Arguments
 
@@ -94,6 +103,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     * `max_snapshot_bytes`, `spill_dir`: the checkpoint store's memory budget and where it
       spills beyond it (default: a temporary directory).
     * `max_rewind`: how many past frames `fabric.rewind` can reach.
+    * `max_episode_frames`: the episode clock's limit (`None`: never truncate).
     * `backend_kwargs`: passed to the backend (e.g. `{"frame_size": 64}`).
 
     ## Version History
@@ -114,7 +124,16 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         spill_dir: str | Path | None = None,
         max_rewind: int | None = 1000,
         backend_kwargs: dict[str, Any] | None = None,
+        max_episode_frames: int | None = None,
     ):
+        if max_episode_frames is not None and (
+            isinstance(max_episode_frames, bool) or int(max_episode_frames) != max_episode_frames
+            or max_episode_frames < 1
+        ):
+            raise ValueError(
+                f"max_episode_frames must be an int >= 1 or None, got {max_episode_frames!r}")
+        self.max_episode_frames = None if max_episode_frames is None else int(max_episode_frames)
+        self._spec: EnvSpec | None = None
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
                 f"render_mode must be one of {self.metadata['render_modes']} or None, "
@@ -173,8 +192,30 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     def step(
         self, action: np.ndarray
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.fabric.step(action)
-        return self._observation(obs), float(reward), bool(terminated), bool(truncated), info
+        obs, reward, terminated, _, info = self.fabric.step(action)
+        # The clock is the frame index of the state itself (restored with it), not a
+        # counter beside it; like TimeLimit, truncation is reported even on a terminal step.
+        limit = self.max_episode_frames
+        truncated = limit is not None and self.fabric.frame_index >= limit
+        return self._observation(obs), float(reward), bool(terminated), truncated, info
+
+    # gym.make sets ``env.unwrapped.spec`` with ``max_episode_steps=None`` (the registered
+    # specs add no TimeLimit); report the env's own clock there, where users read it.
+    @property
+    def spec(self) -> EnvSpec | None:  # type: ignore[override]
+        spec = self._spec
+        if spec is not None and spec.max_episode_steps is None and self.max_episode_frames:
+            spec = dataclasses.replace(spec, max_episode_steps=self.max_episode_frames)
+        return spec
+
+    @spec.setter
+    def spec(self, value: EnvSpec | None) -> None:
+        self._spec = value
+
+    @property
+    def elapsed_steps(self) -> int:
+        """Steps taken in this episode: the frame index of the current state."""
+        return self.fabric.frame_index
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None:

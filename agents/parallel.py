@@ -1,0 +1,68 @@
+"""The MPC agent with its search spread over Ray actors (:class:`planners.parallel.WorkerPool`).
+
+CEM / MPPI: the same planner, the same RNG stream, the evaluations split over the actors,
+so the actions equal :class:`agents.mpc.MPCAgent`'s for the same seed (bit for bit for the
+backends tested; see the README). MCTS / Gumbel: root parallelisation, ``searches``
+independent searches of ``num_simulations`` each from the same root, merged by visit
+counts: a different algorithm from one search of ``searches x num_simulations``, so
+its actions are equal only to the same root-parallel search run in one process
+(``WorkerPool(actors=0)``). Their search trees stay in the actors (not recorded).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from agents.mpc import MPCAgent, MPCConfig
+from arcfab_gym.fabric.tree import TrajectoryTree
+from arcfab_gym.models.base import WorldModel
+from planners.parallel import WorkerPool
+
+
+class ParallelMPCAgent(MPCAgent):
+    """:class:`MPCAgent` planning on ``pool`` (``searches``: MCTS root searches per action,
+    default one per worker)."""
+
+    def __init__(self, model: WorldModel, cfg: MPCConfig, rng: np.random.Generator, *,
+                 pool: WorkerPool, searches: int | None = None,
+                 tree: TrajectoryTree | None = None):
+        super().__init__(model, cfg, rng, tree=tree)
+        self.pool = pool
+        self.searches = searches or None
+
+    def act(self) -> np.ndarray:
+        planner = self.cfg.planner
+        if planner == "random":
+            return super().act()
+        root = self.model.extract_state()
+        t0 = time.perf_counter()
+        self.pool.set_root(self.model)
+        if planner in ("cem", "mppi"):
+            evaluate = self.pool.sequence_evaluator(objective=self.objective,
+                                                    discount=self.cfg.discount)  # fmt: skip
+            res = self.cem.plan(evaluate, self.rng)
+            action, self.plan = res.action, res.sequence
+            self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
+                          "model_steps": res.evaluations * self.cem.cfg.horizon}  # fmt: skip
+        else:
+            res = self.pool.root_parallel_search(
+                self.candidates, searches=self.searches, seed=int(self.rng.integers(2**31 - 1)),
+                num_simulations=self.cfg.num_simulations, max_depth=self.cfg.max_depth,
+                discount=self.cfg.discount, objective=self.objective,
+                policy="mcts" if planner == "mcts" else "gumbel")  # fmt: skip
+            action, self.plan = res.action.astype(np.float32), res.plan
+            seen = res.visits > 0
+            self.stats = {
+                "root_visits": int(res.visits.sum()),
+                "q_spread": float(res.q[seen].max() - res.q[seen].min()) if seen.any() else 0.0,
+                "depth": max(s["depth"] for s in res.searches),
+                "model_steps": sum(s["expansions"] for s in res.searches),
+                "root_value": float(np.mean([s["root_value"] for s in res.searches])),
+                "searches": len(res.searches),
+            }
+        self.model.load_state(root)
+        self.stats["planning_seconds"] = time.perf_counter() - t0
+        self.stats["remote_retries"] = self.pool.stats.retries
+        return action
