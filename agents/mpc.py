@@ -150,21 +150,23 @@ class MPCAgent:
             self.plan = action[None]
         elif planner in SEQUENCE_PLANNERS:
             root_obs = self.model.observe()
-            res = self.cem.plan(
-                sequence_evaluator(self.model, root, objective=self.objective,
-                                   discount=self.cfg.discount, action_map=self.action_map,
-                                   root_observation=root_obs),
-                self.rng,
-            )
-            action, self.plan = res.action, res.sequence
-            if self.action_map is not None:  # the executed move; the rest stays relative
-                action = self.action_map([root_obs], action[None])[0]
-            self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
-                          "model_steps": res.evaluations * self.cem.cfg.horizon}
+            action = self._plan_sequence(root_obs, sequence_evaluator(
+                self.model, root, objective=self.objective, discount=self.cfg.discount,
+                action_map=self.action_map, root_observation=root_obs))
         else:
             action = self._search(root)
         self.model.load_state(root)
         self.stats["planning_seconds"] = time.perf_counter() - t0
+        return action
+
+    def _plan_sequence(self, root_obs, evaluate) -> np.ndarray:
+        """Run the sequence planner on ``evaluate``; the action to execute."""
+        res = self.cem.plan(evaluate, self.rng)
+        action, self.plan = res.action, res.sequence
+        if self.action_map is not None:  # the executed move; the plan stays relative
+            action = self.action_map([root_obs], action[None])[0]
+        self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
+                      "model_steps": res.evaluations * self.cem.cfg.horizon}
         return action
 
     def _search(self, root) -> np.ndarray:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from agents.mpc import MPCAgent, MPCConfig
+from agents.mpc import SEQUENCE_PLANNERS, MPCAgent, MPCConfig
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models.base import WorldModel
 from planners.parallel import WorkerPool
@@ -39,13 +39,11 @@ class ParallelMPCAgent(MPCAgent):
         root = self.model.extract_state()
         t0 = time.perf_counter()
         self.pool.set_root(self.model)
-        if planner in ("cem", "mppi"):
-            evaluate = self.pool.sequence_evaluator(objective=self.objective,
-                                                    discount=self.cfg.discount)  # fmt: skip
-            res = self.cem.plan(evaluate, self.rng)
-            action, self.plan = res.action, res.sequence
-            self.stats = {"best_return": res.best_return, "evaluations": res.evaluations,
-                          "model_steps": res.evaluations * self.cem.cfg.horizon}  # fmt: skip
+        if planner in SEQUENCE_PLANNERS:
+            root_obs = self.model.observe()
+            action = self._plan_sequence(root_obs, self.pool.sequence_evaluator(
+                objective=self.objective, discount=self.cfg.discount,
+                action_map=self.action_map, root_observation=root_obs))
         else:
             res = self.pool.root_parallel_search(
                 self.candidates, searches=self.searches, seed=int(self.rng.integers(2**31 - 1)),
