@@ -58,6 +58,8 @@ class WorldModel(abc.ABC):
     #: The closed prompt vocabulary this backend understands.
     prompts: ClassVar[tuple[str, ...]]
     action_dim: ClassVar[int] = 2
+    #: Float32 observation keys every step returns (the contract suite checks them).
+    observation_keys: ClassVar[tuple[str, ...]] = ("agent_pos", "block_pose", "goal_pose")
     #: Side in pixels of the frames ``decode_frame`` returns.
     frame_size: int = 96
 
