@@ -56,6 +56,8 @@ DEFAULT_PROMPTS = (
     "wipe the table with the towel",
 )
 STATE_VERSION = 1
+#: Backend names of the two CFG branches' caches -> the head's attributes.
+_BRANCH_ATTR = {"kv1": "kv_cache1", "kvn": "kv_cache_neg"}
 _RESET_RE = re.compile(r"^(.*), reset current_start_frame to 0$", re.M)
 
 
@@ -213,6 +215,10 @@ class DreamZero(WorldModel):
         if (self.frame_hw[0] // 16) * (self.frame_hw[1] // 16) != self.frame_seqlen:
             raise ValueError(f"image_size {self.frame_hw} does not give frame_seqlen={self.frame_seqlen} tokens")
         self.frame_size = self.frame_hw[0]
+        #: This process's share of the CFG branches: both, or one per rank with two ranks
+        #: (DreamZero's ip split: rank 0 kv_cache1, rank 1 kv_cache_neg).
+        self.rank, self.ranks = 0, 1
+        self._own: tuple[str, ...] = ("kv1", "kvn")
         self._w: dict[str, Any] | None = None
         self._installed: int | None = None  # version of the world now in the head
         self._version = 0
@@ -293,11 +299,16 @@ class DreamZero(WorldModel):
         if self._installed == self._version and getattr(self.head, "_arcfab_owner", None) is self:
             return
         h, dev = self.head, self.device
-        if w["kv1"]:
-            h.kv_cache1 = [torch.cat([_unbits(b[i], dev) for b in w["kv1"]], dim=2)
-                           for i in range(self.num_layers)]  # fmt: skip
-            h.kv_cache_neg = [torch.cat([_unbits(b[i], dev) for b in w["kvn"]], dim=2)
-                              for i in range(self.num_layers)]  # fmt: skip
+        if w["latents"]:
+            for branch, attr in _BRANCH_ATTR.items():
+                if branch in self._own:
+                    cache = [torch.cat([_unbits(b[i], dev) for b in w[branch]], dim=2)
+                             for i in range(self.num_layers)]  # fmt: skip
+                else:  # the other rank's branch: as the head creates it, empty
+                    cache = [torch.zeros(2, 1, 0, self.num_heads, self.head_dim,
+                                         dtype=torch.bfloat16, device=dev)
+                             for _ in range(self.num_layers)]  # fmt: skip
+                setattr(h, attr, cache)
             h.crossattn_cache, h.crossattn_cache_neg = self._dead_crossattn()
             h.clip_feas = _unbits(w["clip_feas"], dev)
             h.ys = _unbits(w["ys"], dev)
@@ -339,23 +350,26 @@ class DreamZero(WorldModel):
         })  # fmt: skip
         lv = None if latent_video is None else _unbits(latent_video, dev)[None]
         log = io.StringIO()
-        kv_before = 0 if h.kv_cache1 is None else int(h.kv_cache1[0].shape[2])
+        mine = _BRANCH_ATTR[self._own[0]]
+        kv_before = 0 if getattr(h, mine) is None else int(getattr(h, mine)[0].shape[2])
         with self._call_ctx(log):
             out = h.lazy_joint_video_action(None, data, latent_video=lv)
         self.last_log = log.getvalue()
         resets = _RESET_RE.findall(self.last_log)
         reset = resets[-1] if resets else None
         # Harvest: the new frame block of both caches, the new latents and chunk.
-        kv_now = int(h.kv_cache1[0].shape[2])
+        kv_now = int(getattr(h, mine)[0].shape[2])
         if reset is not None:
-            w["kv1"], w["kvn"], kv_before = [], [], 0
+            kv_before = 0
+            for branch in self._own:
+                w[branch] = []
             w["window_start"] = len(w["latents"])
             w["clip_feas"], w["ys"] = _bits(h.clip_feas).clone(), _bits(h.ys).clone()
         if kv_now != kv_before + (self.frame_seqlen if reset else self.nfpb * self.frame_seqlen):
             raise RuntimeError(f"unexpected KV growth {kv_before} -> {kv_now} (reset: {reset})")
         new = lambda cache: torch.stack([_bits(c[:, :, kv_before:]) for c in cache]).clone()  # noqa: E731
-        w["kv1"] = w["kv1"] + [new(h.kv_cache1)]
-        w["kvn"] = w["kvn"] + [new(h.kv_cache_neg)]
+        for branch in self._own:
+            w[branch] = w[branch] + [new(getattr(h, _BRANCH_ATTR[branch]))]
         w["latents"] = w["latents"] + [_bits(out["video_pred"][0]).clone()]  # [C, n, h, w]
         w["chunks"] = w["chunks"] + [out["action_pred"][0].float().cpu().clone()]
         w["actions"] = w["actions"] + [state.float().clone()]
@@ -400,7 +414,7 @@ class DreamZero(WorldModel):
             )
         if n_blocks == 0:
             return
-        for k in ("kv1", "kvn", "latents", "chunks", "actions"):
+        for k in (*self._own, "latents", "chunks", "actions"):
             w[k] = w[k][: len(w[k]) - n_blocks]
         w["csf"] -= n_blocks * self.nfpb
         w["pending_frames"] = None
@@ -434,6 +448,26 @@ class DreamZero(WorldModel):
         self._version += 1
         return self.observe()
 
+    def parallelize(self, device_mesh=None, *, group=None) -> None:
+        """Split the CFG branches over two ranks as DreamZero does (``ip_size=2``): rank 0
+        runs the conditional branch and holds ``kv_cache1``, rank 1 the negative one and
+        ``kv_cache_neg``; they swap predictions every denoising step. ``device_mesh`` goes
+        to the head's own ``parallelize`` (an ``"ip"`` dimension); a process ``group`` of
+        two ranks is set the same way without a mesh. Snapshots and seeds must then cover
+        both ranks: see :mod:`arcfab_gym.models.dreamzero.ranks`."""
+        import torch.distributed as dist
+
+        if device_mesh is not None:
+            self.head.parallelize(device_mesh)
+        else:
+            self.head.ip_rank, self.head.ip_size = dist.get_rank(group), dist.get_world_size(group)
+            self.head.ip_group = group
+        if self.head.ip_size != 2:
+            raise ValueError(f"DreamZero splits over exactly 2 ranks, got {self.head.ip_size}")
+        self.rank, self.ranks = int(self.head.ip_rank), 2
+        self._own = ("kv1",) if self.rank == 0 else ("kvn",)
+        self._w, self._installed = None, None
+
     def _latent_hw(self) -> tuple[int, int]:
         return self.frame_hw[0] // 8, self.frame_hw[1] // 8
 
@@ -448,9 +482,9 @@ class DreamZero(WorldModel):
             "clip_feas": w["clip_feas"], "ys": w["ys"],
             "action_chunks": torch.stack(w["chunks"]), "actions": torch.stack(w["actions"]),
         }  # fmt: skip
-        for k, (b1, bn) in enumerate(zip(w["kv1"], w["kvn"])):
-            t[f"kv_cache1/{k:04d}"] = b1
-            t[f"kv_cache_neg/{k:04d}"] = bn
+        for branch in self._own:
+            for k, block in enumerate(w[branch]):
+                t[f"{_BRANCH_ATTR[branch]}/{k:04d}"] = block
         for k, lat in enumerate(w["latents"]):
             t[f"latent_video/{k:05d}"] = lat
         if w["pending_frames"] is not None:
@@ -467,6 +501,8 @@ class DreamZero(WorldModel):
             "crossattn_cache_neg_shape": self._crossattn_shape(),
             "weights": self.config().get("checkpoint") or f"tiny-{self.tiny_seed}",
         }  # fmt: skip
+        if self.ranks > 1:
+            meta["rank"], meta["ranks"] = self.rank, self.ranks
         return ModelState(tensors=t, meta=meta)
 
     def load_state(self, state: ModelState, *, include_rng: bool = True) -> None:
@@ -481,15 +517,18 @@ class DreamZero(WorldModel):
             raise StateMismatchError("state was made with another window / block / token layout")
         self.check_prompt(meta["prompt"])
         n = int(meta["frames"])
-        kv1 = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache1/"))]
-        kvn = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache_neg/"))]
+        kv = {b: [t[k] for k in sorted(k for k in t if k.startswith(_BRANCH_ATTR[b] + "/"))]
+              for b in self._own}  # fmt: skip
         lat = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        if len(lat) != n or len(kv1) != len(kvn) or len(t["action_chunks"]) != n:
-            raise StateMismatchError("latent_video, action_chunks, kv blocks and frames disagree")
+        if len(lat) != n or len(t["action_chunks"]) != n or len({len(v) for v in kv.values()}) != 1 \
+                or not kv[self._own[0]]:
+            raise StateMismatchError(
+                f"latent_video, action_chunks, kv blocks ({', '.join(_BRANCH_ATTR[b] for b in self._own)})"
+                " and frames disagree or are missing")
         seed = int(meta["seed"]) if include_rng or self._w is None else self._w["seed"]
         self._w = {
             "prompt": meta["prompt"], "seed": seed, "language": t["language"].clone(),
-            "kv1": kv1, "kvn": kvn, "latents": lat,
+            **kv, "latents": lat,
             "chunks": list(t["action_chunks"].clone()), "actions": list(t["actions"].clone()),
             "window_start": int(meta["window_start"]), "csf": int(meta["current_start_frame"]),
             "clip_feas": t["clip_feas"], "ys": t["ys"],

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 #: The DROID 14B configuration's shapes (Wan2.1-I2V-14B DiT: 40 layers, dim 5120, 40 heads;
-#: 320x176 video -> 40x22 latent -> 880 tokens per latent frame; 2 latent frames per block;
+#: three 176x320 views tiled into 352x640 -> 44x80 latent -> 880 tokens per latent frame;
+#: 2 latent frames per block;
 #: 4 blocks of history + the first frame; 24 x 32 action chunks; T5 text of 512 tokens).
 FULL_14B: dict[str, Any] = {
     "num_layers": 40, "dim": 5120, "num_heads": 40, "frame_seqlen": 880, "text_len": 512,
     "num_frame_per_block": 2, "max_chunk_size": 4, "action_horizon": 24, "action_dim": 32,
-    "latent_channels": 16, "latent_h": 22, "latent_w": 40, "num_frames": 33,
+    "latent_channels": 16, "latent_h": 44, "latent_w": 80, "num_frames": 33,
     "clip_tokens": 257, "clip_dim": 1280, "dtype_bytes": 2,
 }  # fmt: skip
 
