@@ -282,3 +282,107 @@ def test_a_dreamzero_checkpoint_folder_builds_the_same_head(tmp_path, base):
     ref.start(ref.prompts[0], seed=0)
     np.testing.assert_array_equal(m.observe()["action_chunk"], ref.observe()["action_chunk"])
     assert m.config()["checkpoint"] == str(d)
+
+
+# --- a short stateful property test against a replay oracle ---------------------------------
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+_MACHINE: dict = {}
+
+
+def _machine_model():
+    """One head for the machine (1 denoising step: cheap; the state is what is checked)."""
+    if "base" not in _MACHINE:
+        from arcfab_gym.models.dreamzero.backend import DreamZero
+
+        torch.set_num_threads(1)
+        _MACHINE["base"] = DreamZero(num_inference_steps=1)
+        _MACHINE["acts"] = acts(_MACHINE["base"], 6, seed=11)
+    return _MACHINE["base"]
+
+
+class DreamZeroFabricMachine(RuleBasedStateMachine):
+    """Random step / checkpoint / restore / fork (new prompt or seed) / rewind through a
+    Session on the dreamzero backend; the active world must always equal a fresh replay
+    of its lineage, bit for bit (across window resets too)."""
+
+    def __init__(self):
+        super().__init__()
+        base = _machine_model()
+        self.A = _MACHINE["acts"]
+        self.root = Session(base.spawn())
+        self.root.reset(prompt=base.prompts[0], seed=0)
+        self.active = self.root
+        self.lineage = {self.root.session_id: [("start", base.prompts[0], 0)]}
+        self.checkpoints: dict[str, list] = {}
+
+    @rule(i=st.integers(0, 5))
+    def step(self, i):
+        self.active.step(self.A[i])
+        self.lineage[self.active.session_id].append(("step", i))
+
+    @rule()
+    def checkpoint(self):
+        cid = self.active.checkpoint()
+        self.checkpoints[cid] = list(self.lineage[self.active.session_id])
+
+    @precondition(lambda self: self.checkpoints)
+    @rule(data=st.data())
+    def restore(self, data):
+        cid = data.draw(st.sampled_from(sorted(self.checkpoints)))
+        self.active.restore(cid)
+        self.lineage[self.active.session_id] = list(self.checkpoints[cid])
+
+    @precondition(lambda self: self.checkpoints)
+    @rule(data=st.data(), prompt=st.sampled_from([None, 1, 2]), seed=st.sampled_from([None, 5]))
+    def fork(self, data, prompt, seed):
+        cid = data.draw(st.sampled_from(sorted(self.checkpoints)))
+        p = None if prompt is None else self.root.model.prompts[prompt]
+        child = self.active.fork(cid, new_prompt=p, new_seed=seed)
+        events = list(self.checkpoints[cid])
+        if p is not None:
+            events.append(("prompt", p))
+        if seed is not None:
+            events.append(("seed", seed))
+        self.lineage[child.session_id] = events
+        self.checkpoints[child.checkpoints[0]] = list(events)
+        self.active = child
+
+    @rule(n=st.integers(0, 3))
+    def rewind(self, n):
+        if n > self.active.history_length:
+            with pytest.raises(HistoryError):
+                self.active.rewind(n)
+            return
+        self.active.rewind(n)
+        events = list(self.lineage[self.active.session_id])
+        while n:
+            n -= events.pop()[0] == "step"
+        self.lineage[self.active.session_id] = events
+
+    @invariant()
+    def matches_replay(self):
+        oracle = _machine_model()
+        for ev in self.lineage[self.active.session_id]:
+            if ev[0] == "start":
+                oracle.start(ev[1], ev[2])
+            elif ev[0] == "step":
+                oracle.step(self.A[ev[1]])
+            elif ev[0] == "prompt":
+                oracle.set_prompt(ev[1])
+            else:
+                oracle.set_seed(ev[1])
+        got, want = self.active.model.extract_state(), oracle.extract_state()
+        assert got.tensors.keys() == want.tensors.keys()
+        for k in got.tensors:
+            assert got.tensors[k].numpy().tobytes() == want.tensors[k].numpy().tobytes(), k
+        assert got.meta == want.meta
+
+
+DreamZeroFabricMachine.TestCase.settings = settings(
+    max_examples=6, stateful_step_count=12, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+test_dreamzero_fabric_operations_match_replay = DreamZeroFabricMachine.TestCase
