@@ -284,6 +284,34 @@ def test_a_dreamzero_checkpoint_folder_builds_the_same_head(tmp_path, base):
     assert m.config()["checkpoint"] == str(d)
 
 
+
+# --- the service --------------------------------------------------------------------------
+def test_the_service_runs_sessions_on_dreamzero(base):
+    """The web service builds the backend by name: sessions step, checkpoint, fork,
+    rewind and render frames with no dreamzero-specific code."""
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from arcfab_gym.service.app import create_app
+    from arcfab_gym.service.settings import ServiceSettings
+
+    a = acts(base, 1)[0].tolist()
+    with TestClient(create_app(ServiceSettings())) as c:
+        info = c.post("/api/sessions", json={"backend": "dreamzero", "seed": 0}).json()
+        sid = info["session_id"]
+        assert info["action_dim"] == base.action_dim
+        for _ in range(3):
+            r = c.post(f"/api/sessions/{sid}/step", json={"action": a})
+            assert r.status_code == 200, r.text
+        cid = c.post(f"/api/sessions/{sid}/checkpoint", json={"label": "x"}).json()["checkpoint_id"]
+        r = c.get(f"/api/sessions/{sid}/frame.png")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        child = c.post(f"/api/sessions/{sid}/fork", json={"checkpoint_id": cid}).json()
+        assert child["frame_index"] == 3
+        r = c.post(f"/api/sessions/{sid}/rewind", json={"n_steps": 2})
+        assert r.status_code == 200 and r.json()["frame_index"] == 1
+
+
 # --- a short stateful property test against a replay oracle ---------------------------------
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
