@@ -269,6 +269,44 @@ def test_checkpoints_share_their_prefix(model):
     assert block is not None
 
 
+def test_recompute_storage_rebuilds_the_cache_bit_for_bit(base, tmp_path):
+    """kv_storage="recompute": snapshots keep the latents each block was written from
+    (and its text), not the block; a restore re-runs DreamZero's cache-writing pass and
+    gets the very bits back -- across a new prompt mid-window, an injected latent and a
+    real frame (whose block has no latent to rebuild from, so it is kept as bytes)."""
+    from arcfab_gym.models.dreamzero.backend import DreamZero
+
+    m = DreamZero(**KW, kv_storage="recompute", _head=base.head)
+    m.start(m.prompts[0], seed=0)
+    a = acts(m, 8, seed=21)
+    m.step(a[0])
+    m.set_prompt(m.prompts[2])
+    m.step(a[1])
+    m.resync(latent=torch.randn(16, m.nfpb, *m._latent_hw(), generator=torch.Generator().manual_seed(1)))
+    m.step(a[2])
+    state = m.extract_state()
+    assert not any(k.startswith("kv_cache") for k in state.tensors)
+    assert state.nbytes() - state.tensors["clip_feas"].nbytes < 20_000  # no cache bytes
+    live = [bits(x) for x in m.kv_cache("cond") + m.kv_cache("neg")]
+    expected = run(m, a[3:5])
+    other = DreamZero(**KW, kv_storage="recompute", _head=base.head)
+    other.load_state(state)
+    other._install(other._w)
+    assert [bits(x) for x in other.head.kv_cache1 + other.head.kv_cache_neg] == live
+    assert same(run(other, a[3:5]), expected)
+    # A real frame's block is kept as bytes.
+    m.resync(frame=np.full((*m.frame_hw, 3), 90, np.uint8))
+    m.step(a[5])
+    kept = m.extract_state()
+    assert [k for k in kept.tensors if k.startswith("kv_cache")] == ["kv_cache1/0002", "kv_cache_neg/0002"]
+    future = run(m, a[6:8])
+    fresh = create_world_model("dreamzero", **KW, kv_storage="recompute")
+    snap2 = WorldStateSnapshot(tensors=kept.tensors, meta=kept.meta, backend="dreamzero",
+                               backend_config=m.config(), frame_index=0, prompt=m.prompt, seed=0)
+    fresh.load_state(WorldStateSnapshot.load(snap2.save(tmp_path / "r.safetensors")).model_state)
+    assert same(run(fresh, a[6:8]), future)
+
+
 # --- checkpoint folders ----------------------------------------------------------------------
 def test_a_dreamzero_checkpoint_folder_builds_the_same_head(tmp_path, base):
     from arcfab_gym.models.dreamzero import tiny
@@ -320,15 +358,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 _MACHINE: dict = {}
 
 
-def _machine_model():
-    """One head for the machine (1 denoising step: cheap; the state is what is checked)."""
-    if "base" not in _MACHINE:
-        from arcfab_gym.models.dreamzero.backend import DreamZero
+def _machine_model(kv_storage: str = "blocks"):
+    """One head for the machines (1 denoising step: cheap; the state is what is checked),
+    and one oracle world per kind of KV storage."""
+    from arcfab_gym.models.dreamzero.backend import DreamZero
 
+    if "base" not in _MACHINE:
         torch.set_num_threads(1)
         _MACHINE["base"] = DreamZero(num_inference_steps=1)
         _MACHINE["acts"] = acts(_MACHINE["base"], 6, seed=11)
-    return _MACHINE["base"]
+    if kv_storage not in _MACHINE:
+        _MACHINE[kv_storage] = DreamZero(num_inference_steps=1, kv_storage=kv_storage,
+                                         _head=_MACHINE["base"].head)  # fmt: skip
+    return _MACHINE[kv_storage]
 
 
 class DreamZeroFabricMachine(RuleBasedStateMachine):
@@ -336,9 +378,11 @@ class DreamZeroFabricMachine(RuleBasedStateMachine):
     Session on the dreamzero backend; the active world must always equal a fresh replay
     of its lineage, bit for bit (across window resets too)."""
 
+    KV = "blocks"
+
     def __init__(self):
         super().__init__()
-        base = _machine_model()
+        base = _machine_model(self.KV)
         self.A = _MACHINE["acts"]
         self.root = Session(base.spawn())
         self.root.reset(prompt=base.prompts[0], seed=0)
@@ -392,7 +436,7 @@ class DreamZeroFabricMachine(RuleBasedStateMachine):
 
     @invariant()
     def matches_replay(self):
-        oracle = _machine_model()
+        oracle = _machine_model(self.KV)
         for ev in self.lineage[self.active.session_id]:
             if ev[0] == "start":
                 oracle.start(ev[1], ev[2])
@@ -414,3 +458,16 @@ DreamZeroFabricMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
 test_dreamzero_fabric_operations_match_replay = DreamZeroFabricMachine.TestCase
+
+
+class DreamZeroRecomputeFabricMachine(DreamZeroFabricMachine):
+    """The same, with snapshots that hold no KV bytes (rebuilt on every restore)."""
+
+    KV = "recompute"
+
+
+DreamZeroRecomputeFabricMachine.TestCase.settings = settings(
+    max_examples=4, stateful_step_count=12, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+test_dreamzero_recompute_fabric_operations_match_replay = DreamZeroRecomputeFabricMachine.TestCase

@@ -137,6 +137,12 @@ class DreamZero(WorldModel):
         num_inference_steps / cfg_scale: the head's sampling settings (None: DreamZero's,
             16 steps and 5.0).
         src: DreamZero's source folder (else ``ARCFAB_DREAMZERO_SRC`` or the vendored copy).
+        kv_storage: ``"blocks"`` -- a snapshot holds the KV cache, one shared tensor per frame
+            block (a checkpoint costs one block: 2.9 GB at 14B); ``"recompute"`` -- it holds
+            only the latents the blocks were written from and the text of each write, and a
+            restore re-runs DreamZero's own cache-writing passes (``_run_diffusion_steps``
+            with ``update_kv_cache=True``), bit for bit (a checkpoint costs one latent
+            block: 0.23 MB at 14B; a restore up to one pass per block in the window).
         image_size: ``(H, W)`` of the head's input video (None: 352 x 640 for 880 tokens per
             latent frame, DROID's three views tiled; else the square that fits).
 
@@ -166,12 +172,16 @@ class DreamZero(WorldModel):
         cfg_scale: float | None = None,
         src: str | None = None,
         image_size: tuple[int, int] | list[int] | None = None,
+        kv_storage: str = "blocks",
         _head: torch.nn.Module | None = None,
     ):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.tiny_seed = int(tiny_seed)
         self.device = str(device)
         self.src = None if src is None else str(src)
+        if kv_storage not in ("blocks", "recompute"):
+            raise ValueError(f"kv_storage must be 'blocks' or 'recompute', got {kv_storage!r}")
+        self.kv_storage = kv_storage
         self.tokenizer_path = tokenizer
         if _head is None:
             ckpt = self.checkpoint or tiny_checkpoint_dir(self.tiny_seed)
@@ -255,6 +265,7 @@ class DreamZero(WorldModel):
                 )
         w = {"prompt": prompt, "seed": int(seed), "language": language, "kv1": [], "kvn": [],
              "latents": [], "chunks": [], "actions": [], "window_start": 0,
+             "kv_lang": [], "kv_from": [],
              "csf": 0, "clip_feas": None, "ys": None, "pending_frames": None}  # fmt: skip
         self._w = w
         self._version += 1
@@ -299,7 +310,9 @@ class DreamZero(WorldModel):
         if self._installed == self._version and getattr(self.head, "_arcfab_owner", None) is self:
             return
         h, dev = self.head, self.device
-        if w["latents"]:
+        if w["latents"] and any(b is None for b in w[self._own[0]]):
+            self._rebuild_kv(w)
+        elif w["latents"]:
             for branch, attr in _BRANCH_ATTR.items():
                 if branch in self._own:
                     cache = [torch.cat([_unbits(b[i], dev) for b in w[branch]], dim=2)
@@ -317,6 +330,58 @@ class DreamZero(WorldModel):
         h.seed = w["seed"]
         h._arcfab_owner = self
         self._installed = self._version
+
+    @torch.no_grad()
+    def _rebuild_kv(self, w) -> None:
+        """Install ``w`` re-making the cache blocks it left out, by DreamZero's own
+        cache-writing pass, block by block in the order the calls wrote them (same
+        latents, text, ``ys`` slice, positions): the same bits."""
+        from transformers.feature_extraction_utils import BatchFeature
+
+        h, dev, nfpb, ws = self.head, self.device, self.nfpb, w["window_start"]
+        h.kv_cache1, h.kv_cache_neg = h._create_kv_caches(1, torch.bfloat16, dev, self.frame_seqlen)
+        h.crossattn_cache, h.crossattn_cache_neg = self._dead_crossattn()
+        h.clip_feas, h.ys = _unbits(w["clip_feas"], dev), _unbits(w["ys"], dev)
+        neg, neg_mask = self.tokenize(self.negative_prompt)
+        with self._call_ctx():
+            for j in range(len(w[self._own[0]])):
+                stored = [w[b][j] for b in self._own]
+                if all(x is not None for x in stored):
+                    for b, x in zip(self._own, stored):
+                        attr = _BRANCH_ATTR[b]
+                        setattr(h, attr, [torch.cat([c, _unbits(x[i], dev)], dim=2)
+                                          for i, c in enumerate(getattr(h, attr))])  # fmt: skip
+                    continue
+                lang = w["kv_lang"][j].to(dev)
+                data = BatchFeature(data={
+                    "text": lang, "text_attention_mask": (lang > 0).long(),
+                    "text_negative": neg.to(dev), "text_attention_mask_negative": neg_mask.to(dev)})  # fmt: skip
+                embs = [h.encode_prompt(x, m) for x, m in h._prepare_text_inputs(data)]
+                if j == 0:  # the window's first frame
+                    src, t_len, c = w["latents"][ws][:, :1], 1, 0
+                    y, seq = h.ys[:, :, 0:1], self.frame_seqlen
+                else:  # block j was written from the previous frame's block
+                    src, t_len, c = w["latents"][ws + j - 1][:, -nfpb:], nfpb, 1 + nfpb * j
+                    y = h.ys[:, :, c - nfpb : c] if c <= h.ys.shape[2] else h.ys[:, :, -nfpb:]
+                    seq = nfpb * self.frame_seqlen
+                h._run_diffusion_steps(
+                    noisy_input=_unbits(src, dev)[None].to(torch.bfloat16),
+                    timestep=torch.zeros([1, t_len], dtype=torch.int64, device=dev),
+                    action=None, timestep_action=None, state=None, embodiment_id=None,
+                    context=embs, seq_len=seq, y=y, clip_feature=h.clip_feas,
+                    kv_caches=h._get_caches([h.kv_cache1, h.kv_cache_neg]),
+                    crossattn_caches=h._get_caches([h.crossattn_cache, h.crossattn_cache_neg]),
+                    kv_cache_metadata={"start_frame": max(c - nfpb, 0), "update_kv_cache": True},
+                )  # fmt: skip
+        # Keep the rebuilt blocks in the live world (stepping on needs no second rebuild).
+        for b in self._own:
+            cache, start, blocks = getattr(h, _BRANCH_ATTR[b]), 0, []
+            for j in range(len(w[b])):
+                n = self.frame_seqlen if j == 0 else nfpb * self.frame_seqlen
+                blocks.append(torch.stack([_bits(x[:, :, start : start + n]) for x in cache]).clone())
+                start += n
+            w[b] = blocks
+        h.language = w["language"].to(dev)
 
     def _dead_crossattn(self):
         """Zeros of the shape the head allocates (it never reads or writes them)."""
@@ -349,6 +414,7 @@ class DreamZero(WorldModel):
             "state": st.to(dev), "embodiment_id": torch.tensor([self.embodiment_id], device=dev),
         })  # fmt: skip
         lv = None if latent_video is None else _unbits(latent_video, dev)[None]
+        kv_from = "frames" if latent_video is None else "latent"
         log = io.StringIO()
         mine = _BRANCH_ATTR[self._own[0]]
         kv_before = 0 if getattr(h, mine) is None else int(getattr(h, mine)[0].shape[2])
@@ -361,8 +427,10 @@ class DreamZero(WorldModel):
         kv_now = int(getattr(h, mine)[0].shape[2])
         if reset is not None:
             kv_before = 0
+            kv_from = "latent"  # the window's first latent, kept in its latent block
             for branch in self._own:
                 w[branch] = []
+            w["kv_lang"], w["kv_from"] = [], []
             w["window_start"] = len(w["latents"])
             w["clip_feas"], w["ys"] = _bits(h.clip_feas).clone(), _bits(h.ys).clone()
         if kv_now != kv_before + (self.frame_seqlen if reset else self.nfpb * self.frame_seqlen):
@@ -370,6 +438,8 @@ class DreamZero(WorldModel):
         new = lambda cache: torch.stack([_bits(c[:, :, kv_before:]) for c in cache]).clone()  # noqa: E731
         for branch in self._own:
             w[branch] = w[branch] + [new(getattr(h, _BRANCH_ATTR[branch]))]
+        w["kv_lang"] = w["kv_lang"] + [text.cpu().clone()]  # the text this block was written under
+        w["kv_from"] = w["kv_from"] + [kv_from]
         w["latents"] = w["latents"] + [_bits(out["video_pred"][0]).clone()]  # [C, n, h, w]
         w["chunks"] = w["chunks"] + [out["action_pred"][0].float().cpu().clone()]
         w["actions"] = w["actions"] + [state.float().clone()]
@@ -414,7 +484,7 @@ class DreamZero(WorldModel):
             )
         if n_blocks == 0:
             return
-        for k in (*self._own, "latents", "chunks", "actions"):
+        for k in (*self._own, "latents", "chunks", "actions", "kv_lang", "kv_from"):
             w[k] = w[k][: len(w[k]) - n_blocks]
         w["csf"] -= n_blocks * self.nfpb
         w["pending_frames"] = None
@@ -482,9 +552,12 @@ class DreamZero(WorldModel):
             "clip_feas": w["clip_feas"], "ys": w["ys"],
             "action_chunks": torch.stack(w["chunks"]), "actions": torch.stack(w["actions"]),
         }  # fmt: skip
+        recompute = self.kv_storage == "recompute"
         for branch in self._own:
             for k, block in enumerate(w[branch]):
-                t[f"{_BRANCH_ATTR[branch]}/{k:04d}"] = block
+                if not (recompute and w["kv_from"][k] == "latent"):
+                    t[f"{_BRANCH_ATTR[branch]}/{k:04d}"] = block
+        t["kv_language"] = torch.cat(w["kv_lang"])  # [blocks, text_len]
         for k, lat in enumerate(w["latents"]):
             t[f"latent_video/{k:05d}"] = lat
         if w["pending_frames"] is not None:
@@ -495,7 +568,8 @@ class DreamZero(WorldModel):
             "window_start": w["window_start"], "frames": len(w["latents"]),
             "local_attn_size": self.local_attn_size, "num_frame_per_block": self.nfpb,
             "frame_seqlen": self.frame_seqlen, "kv_cache_layout": "[layers, 2 (k, v), B, tokens, heads, head_dim]",
-            "bf16_as": "int16 bit pattern",
+            "bf16_as": "int16 bit pattern", "kv_storage": self.kv_storage,
+            "kv_blocks": len(w[self._own[0]]), "kv_from": list(w["kv_from"]),
             # Dead state: allocated by the head, never read or written by its forward pass.
             "crossattn_cache_shape": self._crossattn_shape(),
             "crossattn_cache_neg_shape": self._crossattn_shape(),
@@ -517,18 +591,22 @@ class DreamZero(WorldModel):
             raise StateMismatchError("state was made with another window / block / token layout")
         self.check_prompt(meta["prompt"])
         n = int(meta["frames"])
-        kv = {b: [t[k] for k in sorted(k for k in t if k.startswith(_BRANCH_ATTR[b] + "/"))]
-              for b in self._own}  # fmt: skip
+        nkv = int(meta.get("kv_blocks", 0))
+        # Blocks a "recompute" state leaves out are None: rebuilt when installed.
+        kv = {b: [t.get(f"{_BRANCH_ATTR[b]}/{k:04d}") for k in range(nkv)] for b in self._own}
         lat = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        if len(lat) != n or len(t["action_chunks"]) != n or len({len(v) for v in kv.values()}) != 1 \
-                or not kv[self._own[0]]:
+        kv_from = list(meta.get("kv_from", []))
+        missing = [k for k in range(nkv) for b in self._own if kv[b][k] is None and kv_from[k] != "latent"]
+        if len(lat) != n or len(t["action_chunks"]) != n or nkv < 1 or len(kv_from) != nkv \
+                or len(t["kv_language"]) != nkv or missing:
             raise StateMismatchError(
                 f"latent_video, action_chunks, kv blocks ({', '.join(_BRANCH_ATTR[b] for b in self._own)})"
                 " and frames disagree or are missing")
         seed = int(meta["seed"]) if include_rng or self._w is None else self._w["seed"]
         self._w = {
             "prompt": meta["prompt"], "seed": seed, "language": t["language"].clone(),
-            **kv, "latents": lat,
+            **kv, "latents": lat, "kv_from": kv_from,
+            "kv_lang": [x[None].clone() for x in t["kv_language"]],
             "chunks": list(t["action_chunks"].clone()), "actions": list(t["actions"].clone()),
             "window_start": int(meta["window_start"]), "csf": int(meta["current_start_frame"]),
             "clip_feas": t["clip_feas"], "ys": t["ys"],
@@ -601,7 +679,7 @@ class DreamZero(WorldModel):
             "tokenizer": self.tokenizer_path, "prompts": list(self.prompts),
             "negative_prompt": self.negative_prompt, "embodiment_id": self.embodiment_id,
             "num_inference_steps": self.num_inference_steps, "cfg_scale": self.cfg_scale,
-            "src": self.src, "image_size": list(self.frame_hw),
+            "src": self.src, "image_size": list(self.frame_hw), "kv_storage": self.kv_storage,
         }  # fmt: skip
         return cfg
 
