@@ -12,6 +12,9 @@ on DreamZero's own classes at the tiny CPU size and computes what it means at 14
 2. a 1,000-node search tree built by random forking (restore a random node, step one
    block -- an MCTS expansion -- or 1-3 blocks, checkpoint as a child): the store's unique
    ``memory_bytes`` vs the sum of full copies (``logical_bytes``);
+   Both with ``kv_storage="blocks"`` (the cache in the snapshot, one shared tensor per
+   block) and ``"recompute"`` (no cache bytes: a restore re-runs DreamZero's cache-writing
+   pass per block, timed here against one model call);
 3. the same at the **full 14B config's shapes** (40 layers x 40 heads x 128, 880 tokens per
    latent frame, bf16), computed from the block layout measured in 1 and the tree shape of
    2: bytes of one checkpoint and of the 1,000-node tree, ours vs a full deep copy that
@@ -101,7 +104,14 @@ def time_checkpoints(model: DreamZero, rounds: int, calls: int, seed: int) -> di
                         rs.append(time.perf_counter() - t0)
     med = {m: {b: {op: statistics.median(v) * 1e6 for op, v in ops.items()} for b, ops in bs.items()}
            for m, bs in samples.items()}  # fmt: skip
-    return {"us": med, "state_bytes": sizes, "new_bytes": new}
+    step = []
+    for _ in range(rounds):
+        model.load_state(bases[4 if 4 in bases else max(bases)])
+        model._install(model._w)  # a restore's rebuild is timed above, not here
+        t0 = time.perf_counter()
+        model.step(_act(model, rng))
+        step.append(time.perf_counter() - t0)
+    return {"us": med, "state_bytes": sizes, "new_bytes": new, "step_us": statistics.median(step) * 1e6}
 
 
 def print_timing(res: dict[str, Any]) -> None:
@@ -113,6 +123,7 @@ def print_timing(res: dict[str, Any]) -> None:
         print(f"{b:>6} {size / 1024:>9.1f} {new / 1024:>8.1f} | {st['checkpoint']:>8.1f} "
               f"{st['restore']:>8.1f} | {dc['checkpoint']:>8.1f} {dc['restore']:>8.1f} | "
               f"{dc['checkpoint'] / st['checkpoint']:>12.1f}x")  # fmt: skip
+    print(f"  one model call (16 -> {res.get('steps', '?')} denoising steps): {res['step_us']:.0f} us")
 
 
 # --- 2. a search tree ------------------------------------------------------------------------
@@ -178,18 +189,23 @@ def state_bytes_at(fill: int, frames: int, p: dict[str, int], *, deep: bool) -> 
     return out + (p["crossattn_both"] + p["prompt_embs"] if deep else 0)
 
 
-def report_14b(tree: dict[str, Any]) -> dict[str, Any]:
+def report_14b(tree: dict[str, Any], kv_storage: str = "blocks") -> dict[str, Any]:
     p = full_config_bytes()
     c = FULL_14B
-    one_new = p["kv_block"] + p["latent_block"] + p["per_frame_records"]
+    text_row = c["text_len"] * 8  # the int64 token ids each block was written under
+    if kv_storage == "recompute":
+        p = {**p, "kv_block": 0, "kv_first_frame": 0}
+    one_new = p["kv_block"] + p["latent_block"] + p["per_frame_records"] + text_row
     full_window = c["max_chunk_size"]  # blocks held just before DreamZero resets
     deep_max = state_bytes_at(full_window, full_window, p, deep=True)
     # The tree: ours = every distinct frame block once + each window's first frame and
     # clip_feas / ys once; deep copy = every node's whole state.
     ours = (tree["steps"] * one_new
             + tree["windows"] * (p["kv_first_frame"] + p["clip_feas"] + p["ys"] + p["latent_block"]))  # fmt: skip
-    deep = sum(state_bytes_at(f, f, p, deep=True) for f in tree["fills"])
-    return {"pieces": p, "checkpoint_ours": one_new, "checkpoint_deep_full_window": deep_max,
+    full = full_config_bytes()
+    deep = sum(state_bytes_at(f, f, full, deep=True) for f in tree["fills"])
+    deep_max = state_bytes_at(full_window, full_window, full, deep=True)
+    return {"kv_storage": kv_storage, "pieces": full, "checkpoint_ours": one_new, "checkpoint_deep_full_window": deep_max,
             "checkpoint_deep_mean": deep / len(tree["fills"]),
             "tree_nodes": tree["nodes"], "tree_ours": ours, "tree_deep": deep}  # fmt: skip
 
@@ -201,10 +217,11 @@ def print_14b(r: dict[str, Any]) -> None:
     print(f"  KV cache, one latent frame, one CFG branch   {p['kv_per_latent_frame_per_branch'] / GB:8.3f} GB")
     print(f"  one frame block, both branches (kv_cache1 + kv_cache_neg) {p['kv_block'] / GB:8.3f} GB")
     print(f"  cross-attention caches, both (dead: not stored) {p['crossattn_both'] / GB:8.3f} GB")
-    print(f"  one checkpoint, ours (one new block + latents + records) {r['checkpoint_ours'] / GB:8.3f} GB")
+    what = "one new block + latents + records" if r["kv_storage"] == "blocks" else "latents + records, no cache"
+    print(f"  one checkpoint, ours ({what}) {r['checkpoint_ours'] / GB:10.6f} GB")
     print(f"  one checkpoint, full deep copy at a full window          {r['checkpoint_deep_full_window'] / GB:8.3f} GB")
     print(f"  one checkpoint, full deep copy, mean over the tree       {r['checkpoint_deep_mean'] / GB:8.3f} GB")
-    print(f"  {r['tree_nodes']}-node tree, ours   {r['tree_ours'] / GB:10.1f} GB")
+    print(f"  {r['tree_nodes']}-node tree, ours ({r['kv_storage']})  {r['tree_ours'] / GB:10.3f} GB")
     print(f"  {r['tree_nodes']}-node tree, deep copy {r['tree_deep'] / GB:10.1f} GB "
           f"= {r['tree_deep'] / r['tree_ours']:.2f}x ours")  # fmt: skip
 
@@ -226,22 +243,29 @@ def main() -> None:
     print(f"dreamzero, tiny CPU head ({model.num_layers} layers, dim {model.num_heads * model.head_dim}, "
           f"{model.frame_seqlen} tokens/latent frame); {args.rounds} rounds x {args.calls} calls, "
           "median us of one call")  # fmt: skip
-    timing = time_checkpoints(model, args.rounds, args.calls, args.seed)
-    print_timing(timing)
-    tree_model = model.spawn()
-    tree_model.head.num_inference_steps = 1  # bytes do not depend on it; build time does
+    rmodel = DreamZero(num_inference_steps=4, kv_storage="recompute", _head=model.head)
+    timing = {}
+    for m in (model, rmodel):
+        print(f"\nkv_storage={m.kv_storage!r}")
+        timing[m.kv_storage] = time_checkpoints(m, args.rounds, args.calls, args.seed)
+        timing[m.kv_storage]["steps"] = m.num_inference_steps
+        print_timing(timing[m.kv_storage])
     trees, reports = {}, {}
     mib = 2**20
-    for max_steps in (1, 3):
-        tree = trees[max_steps] = build_tree(tree_model, args.nodes, args.seed, max_steps=max_steps)
-        print(f"\nsearch tree (tiny), 1-{max_steps} blocks per node: {tree['nodes']} nodes, "
-              f"{tree['steps']} frame blocks made, {tree['windows']} windows ({tree['seconds']:.0f} s)")  # fmt: skip
-        print(f"  store memory_bytes (unique) {tree['memory_bytes'] / mib:8.2f} MiB")
-        print(f"  full copies (logical_bytes) {tree['logical_bytes'] / mib:8.2f} MiB "
-              f"= {tree['logical_bytes'] / tree['memory_bytes']:.2f}x")  # fmt: skip
-        reports[max_steps] = report_14b(tree)
-        print_14b(reports[max_steps])
-    model.head.num_inference_steps = model.num_inference_steps
+    for kv in ("blocks", "recompute"):
+        tree_model = DreamZero(num_inference_steps=1, kv_storage=kv, _head=model.head)
+        # one denoising step: the bytes do not depend on it, the build time does
+        for max_steps in (1, 3):
+            key = f"{kv}, 1-{max_steps} blocks per node"
+            tree = trees[key] = build_tree(tree_model, args.nodes, args.seed, max_steps=max_steps)
+            print(f"\nsearch tree (tiny, kv_storage={kv!r}), 1-{max_steps} blocks per node: "
+                  f"{tree['nodes']} nodes, {tree['steps']} frame blocks made, {tree['windows']} "
+                  f"windows ({tree['seconds']:.0f} s)")  # fmt: skip
+            print(f"  store memory_bytes (unique) {tree['memory_bytes'] / mib:8.2f} MiB")
+            print(f"  full copies (logical_bytes) {tree['logical_bytes'] / mib:8.2f} MiB "
+                  f"= {tree['logical_bytes'] / tree['memory_bytes']:.2f}x")  # fmt: skip
+            reports[key] = report_14b(tree, kv)
+            print_14b(reports[key])
     if args.json:
         out = {"timing": timing,
                "trees": {m: {k: v for k, v in t.items() if k != "fills"} for m, t in trees.items()},

@@ -547,6 +547,8 @@ class DreamZero(WorldModel):
         never written again by anyone (a checkpoint costs O(new frames))."""
         self._require_started()
         w = self._w
+        if self.kv_storage == "blocks" and any(b is None for b in w[self._own[0]]):
+            self._install(w)  # a state without cache bytes was loaded: rebuild them first
         t: dict[str, torch.Tensor] = {
             "language": w["language"].clone(),
             "clip_feas": w["clip_feas"], "ys": w["ys"],
@@ -635,6 +637,8 @@ class DreamZero(WorldModel):
     def kv_cache(self, branch: str = "cond") -> list[torch.Tensor]:
         """DreamZero's per-layer view ``[2, B, L, heads, head_dim]`` (bf16) of the working state."""
         self._require_started()
+        if any(b is None for b in self._w[self._own[0]]):
+            self._install(self._w)
         blocks = self._w["kv1" if branch == "cond" else "kvn"]
         return [torch.cat([_unbits(b[i], "cpu") for b in blocks], dim=2) for i in range(self.num_layers)]
 

@@ -68,11 +68,14 @@ def default_src() -> Path:
 
 def find_src(src: str | os.PathLike[str] | None = None) -> Path:
     """DreamZero's source folder, or :class:`DreamZeroUnavailable` saying how to get one."""
-    candidates = [Path(src)] if src is not None else []
-    if src is None and os.environ.get(SRC_ENV):
-        candidates.append(Path(os.environ[SRC_ENV]))
-    if src is None:
-        candidates.append(default_src())
+    # An explicit src, else the environment variable, else the vendored copy: the first
+    # one given is the only one tried (a wrong setting is reported, not bypassed).
+    if src is not None:
+        candidates = [Path(src)]
+    elif os.environ.get(SRC_ENV):
+        candidates = [Path(os.environ[SRC_ENV])]
+    else:
+        candidates = [default_src()]
     for c in candidates:
         if (c / "groot" / "vla" / "model" / "dreamzero").is_dir():
             return c.resolve()
