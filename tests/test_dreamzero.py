@@ -333,6 +333,32 @@ def test_a_dreamzero_checkpoint_folder_builds_the_same_head(tmp_path, base):
 
 
 
+
+def test_gym_make_runs_the_dreamzero_backend(base):
+    """ArcFabric-v0 on DreamZero: the spaces are the backend's own; steps, clone_state and
+    restore_state replay exactly."""
+    import gymnasium as gym
+
+    env = gym.make("ArcFabric-v0", backend="dreamzero", backend_kwargs=KW)
+    u = env.unwrapped
+    assert u.prompt == base.prompts[0]
+    assert env.action_space.shape == (base.action_dim,)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    env.action_space.seed(0)
+    a = [env.action_space.sample() for _ in range(3)]
+    env.step(a[0])
+    snap = u.clone_state()
+    want = [env.step(x)[0] for x in a[1:]]
+    u.restore_state(snap)
+    got = [env.step(x)[0] for x in a[1:]]
+    for x, y in zip(got, want):
+        assert env.observation_space.contains(x)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    env.close()
+
+
 # --- the service --------------------------------------------------------------------------
 def test_the_service_runs_sessions_on_dreamzero(base):
     """The web service builds the backend by name: sessions step, checkpoint, fork,

@@ -142,6 +142,12 @@ class WorldModel(abc.ABC):
     def decode_frame(self, frame_index: int) -> np.ndarray:
         """RGB picture of frame ``frame_index`` of the history: uint8 ``[H, W, 3]``."""
 
+    def observation_spec(self) -> dict[str, tuple[tuple[int, ...], str, float, float]] | None:
+        """The backend's own observation layout, ``{key: (shape, dtype, low, high)}``, for
+        a backend that is not a Push-T world; None (the default) means the Push-T task's
+        observation (``agent_pos``, ``block_pose``, ``goal_pose``)."""
+        return None
+
     def embed(self, state: ModelState) -> np.ndarray:
         """A vector describing the current frame of ``state`` in this model's own terms
         (a latent for a learned model, the physical state for a simulator): the space in

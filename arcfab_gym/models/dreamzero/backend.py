@@ -647,6 +647,12 @@ class DreamZero(WorldModel):
         i = self.check_frame_index(frame_index)
         return _unbits(self._w["latents"][i], "cpu")
 
+    def observation_spec(self) -> dict[str, tuple[tuple[int, ...], str, float, float]]:
+        return {
+            "action_chunk": ((self.action_horizon, self.model_action_dim), "float32", -np.inf, np.inf),
+            "frame": ((*self.frame_hw, 3), "uint8", 0, 255),
+        }
+
     def observe(self) -> dict[str, np.ndarray]:
         self._require_started()
         w = self._w
