@@ -70,7 +70,9 @@ def time_checkpoints(model: DreamZero, rounds: int, calls: int, seed: int) -> di
         new[blocks] = unique_new_bytes(bases[blocks], prev)
     for b, s in bases.items():
         sizes[b] = s.nbytes()
-    samples = {m: {b: {"checkpoint": [], "restore": []} for b in bases} for m in ("store", "deepcopy")}
+    samples = {
+        m: {b: {"checkpoint": [], "restore": []} for b in bases} for m in ("store", "deepcopy")
+    }
     order = random.Random(seed)
     with StateManager() as sm:
         for _ in range(rounds):
@@ -111,7 +113,12 @@ def time_checkpoints(model: DreamZero, rounds: int, calls: int, seed: int) -> di
         t0 = time.perf_counter()
         model.step(_act(model, rng))
         step.append(time.perf_counter() - t0)
-    return {"us": med, "state_bytes": sizes, "new_bytes": new, "step_us": statistics.median(step) * 1e6}
+    return {
+        "us": med,
+        "state_bytes": sizes,
+        "new_bytes": new,
+        "step_us": statistics.median(step) * 1e6,
+    }
 
 
 def print_timing(res: dict[str, Any]) -> None:
@@ -123,7 +130,9 @@ def print_timing(res: dict[str, Any]) -> None:
         print(f"{b:>6} {size / 1024:>9.1f} {new / 1024:>8.1f} | {st['checkpoint']:>8.1f} "
               f"{st['restore']:>8.1f} | {dc['checkpoint']:>8.1f} {dc['restore']:>8.1f} | "
               f"{dc['checkpoint'] / st['checkpoint']:>12.1f}x")  # fmt: skip
-    print(f"  one model call (16 -> {res.get('steps', '?')} denoising steps): {res['step_us']:.0f} us")
+    print(
+        f"  one model call (16 -> {res.get('steps', '?')} denoising steps): {res['step_us']:.0f} us"
+    )
 
 
 # --- 2. a search tree ------------------------------------------------------------------------
@@ -185,7 +194,9 @@ def state_bytes_at(fill: int, frames: int, p: dict[str, int], *, deep: bool) -> 
     frames of latent history; ``deep`` adds what a full deep copy of the public layer holds
     on top (cross-attention caches, prompt embeddings)."""
     kv = p["kv_first_frame"] + (fill - 1) * p["kv_block"]
-    out = kv + frames * p["latent_block"] + p["clip_feas"] + p["ys"] + frames * p["per_frame_records"]
+    out = (
+        kv + frames * p["latent_block"] + p["clip_feas"] + p["ys"] + frames * p["per_frame_records"]
+    )
     return out + (p["crossattn_both"] + p["prompt_embs"] if deep else 0)
 
 
@@ -214,14 +225,28 @@ def print_14b(r: dict[str, Any]) -> None:
     p = r["pieces"]
     print("\nDreamZero 14B (DROID config: 40 layers, 40 heads x 128, 880 tokens/latent frame, "
           "2 latent frames/block, window 4 blocks + first frame, bf16)")  # fmt: skip
-    print(f"  KV cache, one latent frame, one CFG branch   {p['kv_per_latent_frame_per_branch'] / GB:8.3f} GB")
-    print(f"  one frame block, both branches (kv_cache1 + kv_cache_neg) {p['kv_block'] / GB:8.3f} GB")
+    print(
+        f"  KV cache, one latent frame, one CFG branch   {p['kv_per_latent_frame_per_branch'] / GB:8.3f} GB"
+    )
+    print(
+        f"  one frame block, both branches (kv_cache1 + kv_cache_neg) {p['kv_block'] / GB:8.3f} GB"
+    )
     print(f"  cross-attention caches, both (dead: not stored) {p['crossattn_both'] / GB:8.3f} GB")
-    what = "one new block + latents + records" if r["kv_storage"] == "blocks" else "latents + records, no cache"
+    what = (
+        "one new block + latents + records"
+        if r["kv_storage"] == "blocks"
+        else "latents + records, no cache"
+    )
     print(f"  one checkpoint, ours ({what}) {r['checkpoint_ours'] / GB:10.6f} GB")
-    print(f"  one checkpoint, full deep copy at a full window          {r['checkpoint_deep_full_window'] / GB:8.3f} GB")
-    print(f"  one checkpoint, full deep copy, mean over the tree       {r['checkpoint_deep_mean'] / GB:8.3f} GB")
-    print(f"  {r['tree_nodes']}-node tree, ours ({r['kv_storage']})  {r['tree_ours'] / GB:10.3f} GB")
+    print(
+        f"  one checkpoint, full deep copy at a full window          {r['checkpoint_deep_full_window'] / GB:8.3f} GB"
+    )
+    print(
+        f"  one checkpoint, full deep copy, mean over the tree       {r['checkpoint_deep_mean'] / GB:8.3f} GB"
+    )
+    print(
+        f"  {r['tree_nodes']}-node tree, ours ({r['kv_storage']})  {r['tree_ours'] / GB:10.3f} GB"
+    )
     print(f"  {r['tree_nodes']}-node tree, deep copy {r['tree_deep'] / GB:10.1f} GB "
           f"= {r['tree_deep'] / r['tree_ours']:.2f}x ours")  # fmt: skip
 

@@ -55,9 +55,15 @@ def main() -> None:
             refused = str(exc)
         loaded = None
         if rank == 0:
-            snap = WorldStateSnapshot(tensors=state.tensors, meta=state.meta, backend=m.name,
-                                      backend_config=m.config(), frame_index=m.frame_count - 1,
-                                      prompt=state.meta["prompt"], seed=state.meta["seed"])
+            snap = WorldStateSnapshot(
+                tensors=state.tensors,
+                meta=state.meta,
+                backend=m.name,
+                backend_config=m.config(),
+                frame_index=m.frame_count - 1,
+                prompt=state.meta["prompt"],
+                seed=state.meta["seed"],
+            )
             path = snap.save(out / "two_ranks.safetensors")
             loaded = WorldStateSnapshot.load(path).model_state
         ranks.scatter_state(m, loaded)

@@ -8,9 +8,13 @@ Skipped, with the reason, where the optional extra or DreamZero's source is miss
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from arcfab_gym import HistoryError, Session, WorldStateSnapshot, create_world_model
 from arcfab_gym.models.dreamzero import runtime
@@ -56,7 +60,11 @@ def same(a, b) -> bool:
 
 
 def bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    return (
+        t.contiguous().view(torch.int16).numpy().tobytes()
+        if t.dtype == torch.bfloat16
+        else t.numpy().tobytes()
+    )
 
 
 # --- the snapshot mapping -------------------------------------------------------------------
@@ -80,7 +88,14 @@ def test_snapshot_holds_every_piece_of_dreamzero_state(model):
     assert meta["seed"] == h.seed == 0
     assert len([k for k in t if k.startswith("latent_video/")]) == model.frame_count == 3
     # Dead state: shapes recorded, no bytes stored.
-    assert meta["crossattn_cache_shape"] == [model.num_layers, 2, 1, 512, model.num_heads, model.head_dim]
+    assert meta["crossattn_cache_shape"] == [
+        model.num_layers,
+        2,
+        1,
+        512,
+        model.num_heads,
+        model.head_dim,
+    ]
     assert not any("crossattn" in k for k in t)
 
 
@@ -163,7 +178,9 @@ def test_new_prompt_fork_continues_the_history(model):
     for k in (k for k in parent.tensors if k.startswith(("kv_cache1/", "latent_video/"))):
         assert torch.equal(st.tensors[k], parent.tensors[k]), k  # the history is kept
     assert not np.array_equal(o_new.observation["action_chunk"], o_same.observation["action_chunk"])
-    assert torch.equal(new_prompt.model.head.language, new_prompt.model.tokenize(model.prompts[1])[0])
+    assert torch.equal(
+        new_prompt.model.head.language, new_prompt.model.tokenize(model.prompts[1])[0]
+    )
 
 
 def test_new_seed_fork_samples_another_future(model):
@@ -253,7 +270,9 @@ def test_prompt_longer_than_text_len_is_a_clear_error(base):
 
 # --- prefix sharing --------------------------------------------------------------------------
 def _storages(state) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.tensors.values()}
+    return {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.tensors.values()
+    }
 
 
 def test_checkpoints_share_their_prefix(model):
@@ -265,7 +284,16 @@ def test_checkpoints_share_their_prefix(model):
         model.step(a)
         cur = _storages(model.extract_state())
         new = sum(n for p, n in cur.items() if p not in prev)
-        kv = 2 * model.num_layers * 2 * model.nfpb * model.frame_seqlen * model.num_heads * model.head_dim * 2
+        kv = (
+            2
+            * model.num_layers
+            * 2
+            * model.nfpb
+            * model.frame_seqlen
+            * model.num_heads
+            * model.head_dim
+            * 2
+        )
         block = kv + 16 * model.nfpb * 16 * 2  # both caches + the latent block
         small = 4096
         assert block <= new <= block + small, (new, block)
@@ -286,7 +314,9 @@ def test_recompute_storage_rebuilds_the_cache_bit_for_bit(base, tmp_path):
     m.step(a[0])
     m.set_prompt(m.prompts[2])
     m.step(a[1])
-    m.resync(latent=torch.randn(16, m.nfpb, *m._latent_hw(), generator=torch.Generator().manual_seed(1)))
+    m.resync(
+        latent=torch.randn(16, m.nfpb, *m._latent_hw(), generator=torch.Generator().manual_seed(1))
+    )
     m.step(a[2])
     state = m.extract_state()
     assert not any(k.startswith("kv_cache") for k in state.tensors)
@@ -308,11 +338,21 @@ def test_recompute_storage_rebuilds_the_cache_bit_for_bit(base, tmp_path):
     m.resync(frame=np.full((*m.frame_hw, 3), 90, np.uint8))
     m.step(a[5])
     kept = m.extract_state()
-    assert [k for k in kept.tensors if k.startswith("kv_cache")] == ["kv_cache1/0002", "kv_cache_neg/0002"]
+    assert [k for k in kept.tensors if k.startswith("kv_cache")] == [
+        "kv_cache1/0002",
+        "kv_cache_neg/0002",
+    ]
     future = run(m, a[6:8])
     fresh = create_world_model("dreamzero", **KW, kv_storage="recompute")
-    snap2 = WorldStateSnapshot(tensors=kept.tensors, meta=kept.meta, backend="dreamzero",
-                               backend_config=m.config(), frame_index=0, prompt=m.prompt, seed=0)
+    snap2 = WorldStateSnapshot(
+        tensors=kept.tensors,
+        meta=kept.meta,
+        backend="dreamzero",
+        backend_config=m.config(),
+        frame_index=0,
+        prompt=m.prompt,
+        seed=0,
+    )
     fresh.load_state(WorldStateSnapshot.load(snap2.save(tmp_path / "r.safetensors")).model_state)
     assert same(run(fresh, a[6:8]), future)
 
@@ -323,15 +363,15 @@ def test_a_dreamzero_checkpoint_folder_builds_the_same_head(tmp_path, base):
 
     d = tiny.write_tiny_checkpoint(tmp_path / "ckpt", seed=0)
     m = create_world_model("dreamzero", **KW, checkpoint=str(d))
-    for (k, a), (_, b) in zip(sorted(m.head.state_dict().items()), sorted(base.head.state_dict().items())):
+    for (k, a), (_, b) in zip(
+        sorted(m.head.state_dict().items()), sorted(base.head.state_dict().items())
+    ):
         assert torch.equal(a, b), k
     m.start(m.prompts[0], seed=0)
     ref = base.spawn()
     ref.start(ref.prompts[0], seed=0)
     np.testing.assert_array_equal(m.observe()["action_chunk"], ref.observe()["action_chunk"])
     assert m.config()["checkpoint"] == str(d)
-
-
 
 
 def test_gym_make_runs_the_dreamzero_backend(base):
@@ -387,9 +427,6 @@ def test_the_service_runs_sessions_on_dreamzero(base):
 
 
 # --- a short stateful property test against a replay oracle ---------------------------------
-from hypothesis import HealthCheck, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 
 _MACHINE: dict = {}
 

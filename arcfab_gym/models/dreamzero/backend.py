@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from arcfab_gym.errors import ArcFabricError, HistoryError, InvalidActionError, StateMismatchError
+from arcfab_gym.errors import ArcFabricError, HistoryError, StateMismatchError
 from arcfab_gym.models.base import ModelState, StepOutput, WorldModel, as_observation
 from arcfab_gym.models.dreamzero import runtime
 
@@ -58,7 +58,7 @@ DEFAULT_PROMPTS = (
 STATE_VERSION = 1
 #: Backend names of the two CFG branches' caches -> the head's attributes.
 _BRANCH_ATTR = {"kv1": "kv_cache1", "kvn": "kv_cache_neg"}
-_RESET_RE = re.compile(r"^(.*), reset current_start_frame to 0$", re.M)
+_RESET_RE = re.compile(r"^(.*), reset current_start_frame to 0$", re.MULTILINE)
 
 
 class PromptTooLongError(ArcFabricError, ValueError):
@@ -200,7 +200,9 @@ class DreamZero(WorldModel):
         self.embodiment_id = int(embodiment_id)
         if num_inference_steps is not None:
             if not 1 <= int(num_inference_steps) <= len(self.head.dit_step_mask):
-                raise ValueError(f"num_inference_steps must be in 1..{len(self.head.dit_step_mask)}")
+                raise ValueError(
+                    f"num_inference_steps must be in 1..{len(self.head.dit_step_mask)}"
+                )
             self.head.num_inference_steps = int(num_inference_steps)
         if cfg_scale is not None:
             self.head.cfg_scale = float(cfg_scale)
@@ -223,7 +225,9 @@ class DreamZero(WorldModel):
             image_size = (352, 640) if self.frame_seqlen == 880 else (side, side)
         self.frame_hw = (int(image_size[0]), int(image_size[1]))
         if (self.frame_hw[0] // 16) * (self.frame_hw[1] // 16) != self.frame_seqlen:
-            raise ValueError(f"image_size {self.frame_hw} does not give frame_seqlen={self.frame_seqlen} tokens")
+            raise ValueError(
+                f"image_size {self.frame_hw} does not give frame_seqlen={self.frame_seqlen} tokens"
+            )
         self.frame_size = self.frame_hw[0]
         #: This process's share of the CFG branches: both, or one per rank with two ranks
         #: (DreamZero's ip split: rank 0 kv_cache1, rank 1 kv_cache_neg).
@@ -378,7 +382,9 @@ class DreamZero(WorldModel):
             cache, start, blocks = getattr(h, _BRANCH_ATTR[b]), 0, []
             for j in range(len(w[b])):
                 n = self.frame_seqlen if j == 0 else nfpb * self.frame_seqlen
-                blocks.append(torch.stack([_bits(x[:, :, start : start + n]) for x in cache]).clone())
+                blocks.append(
+                    torch.stack([_bits(x[:, :, start : start + n]) for x in cache]).clone()
+                )
                 start += n
             w[b] = blocks
         h.language = w["language"].to(dev)
@@ -388,7 +394,7 @@ class DreamZero(WorldModel):
         shape = tuple(self._crossattn_shape())
         cached = getattr(self.head, "_arcfab_crossattn", None)
         if cached is None or tuple(cached[0][0].shape) != shape[1:]:
-            z = lambda: [torch.zeros(shape[1:], dtype=torch.bfloat16, device=self.device)  # noqa: E731
+            z = lambda: [torch.zeros(shape[1:], dtype=torch.bfloat16, device=self.device)
                          for _ in range(shape[0])]  # fmt: skip
             cached = (z(), z())
             self.head._arcfab_crossattn = cached
@@ -404,7 +410,9 @@ class DreamZero(WorldModel):
         text, mask = w["language"], (w["language"] > 0).long()
         neg, neg_mask = self.tokenize(self.negative_prompt)
         st = torch.zeros(1, 1, self.max_state_dim, dtype=torch.float32)
-        st[0, 0, : self.model_action_dim] = state.reshape(self.action_horizon, self.model_action_dim)[-1]
+        st[0, 0, : self.model_action_dim] = state.reshape(
+            self.action_horizon, self.model_action_dim
+        )[-1]
         from transformers.feature_extraction_utils import BatchFeature
 
         dev = self.device
@@ -435,7 +443,7 @@ class DreamZero(WorldModel):
             w["clip_feas"], w["ys"] = _bits(h.clip_feas).clone(), _bits(h.ys).clone()
         if kv_now != kv_before + (self.frame_seqlen if reset else self.nfpb * self.frame_seqlen):
             raise RuntimeError(f"unexpected KV growth {kv_before} -> {kv_now} (reset: {reset})")
-        new = lambda cache: torch.stack([_bits(c[:, :, kv_before:]) for c in cache]).clone()  # noqa: E731
+        new = lambda cache: torch.stack([_bits(c[:, :, kv_before:]) for c in cache]).clone()
         for branch in self._own:
             w[branch] = w[branch] + [new(getattr(h, _BRANCH_ATTR[branch]))]
         w["kv_lang"] = w["kv_lang"] + [text.cpu().clone()]  # the text this block was written under
@@ -513,7 +521,9 @@ class DreamZero(WorldModel):
             if f.ndim == 3:
                 f = np.repeat(f[None], 4, axis=0)
             if f.shape != (4, *self.frame_hw, 3) or f.dtype != np.uint8:
-                raise ValueError(f"frame must be uint8 (4, {self.frame_hw}, 3), got {f.dtype} {f.shape}")
+                raise ValueError(
+                    f"frame must be uint8 (4, {self.frame_hw}, 3), got {f.dtype} {f.shape}"
+                )
             w["pending_frames"] = torch.from_numpy(f.copy())[None]
         self._version += 1
         return self.observe()
@@ -587,9 +597,14 @@ class DreamZero(WorldModel):
             raise StateMismatchError(f"not a {self.name} state of version {STATE_VERSION}")
         mine = self.config().get("checkpoint") or f"tiny-{self.tiny_seed}"
         if meta.get("weights") != mine:
-            raise StateMismatchError(f"state was made by weights {meta.get('weights')!r}, this model has {mine!r}")
+            raise StateMismatchError(
+                f"state was made by weights {meta.get('weights')!r}, this model has {mine!r}"
+            )
         if (meta["local_attn_size"], meta["num_frame_per_block"], meta["frame_seqlen"]) != (
-                self.local_attn_size, self.nfpb, self.frame_seqlen):
+            self.local_attn_size,
+            self.nfpb,
+            self.frame_seqlen,
+        ):
             raise StateMismatchError("state was made with another window / block / token layout")
         self.check_prompt(meta["prompt"])
         n = int(meta["frames"])
@@ -598,12 +613,21 @@ class DreamZero(WorldModel):
         kv = {b: [t.get(f"{_BRANCH_ATTR[b]}/{k:04d}") for k in range(nkv)] for b in self._own}
         lat = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
         kv_from = list(meta.get("kv_from", []))
-        missing = [k for k in range(nkv) for b in self._own if kv[b][k] is None and kv_from[k] != "latent"]
-        if len(lat) != n or len(t["action_chunks"]) != n or nkv < 1 or len(kv_from) != nkv \
-                or len(t["kv_language"]) != nkv or missing:
+        missing = [
+            k for k in range(nkv) for b in self._own if kv[b][k] is None and kv_from[k] != "latent"
+        ]
+        if (
+            len(lat) != n
+            or len(t["action_chunks"]) != n
+            or nkv < 1
+            or len(kv_from) != nkv
+            or len(t["kv_language"]) != nkv
+            or missing
+        ):
             raise StateMismatchError(
                 f"latent_video, action_chunks, kv blocks ({', '.join(_BRANCH_ATTR[b] for b in self._own)})"
-                " and frames disagree or are missing")
+                " and frames disagree or are missing"
+            )
         seed = int(meta["seed"]) if include_rng or self._w is None else self._w["seed"]
         self._w = {
             "prompt": meta["prompt"], "seed": seed, "language": t["language"].clone(),
@@ -640,7 +664,9 @@ class DreamZero(WorldModel):
         if any(b is None for b in self._w[self._own[0]]):
             self._install(self._w)
         blocks = self._w["kv1" if branch == "cond" else "kvn"]
-        return [torch.cat([_unbits(b[i], "cpu") for b in blocks], dim=2) for i in range(self.num_layers)]
+        return [
+            torch.cat([_unbits(b[i], "cpu") for b in blocks], dim=2) for i in range(self.num_layers)
+        ]
 
     def latent(self, frame_index: int) -> torch.Tensor:
         """The latent block of frame ``frame_index`` ``[16, n, h, w]`` (bf16)."""
@@ -649,7 +675,12 @@ class DreamZero(WorldModel):
 
     def observation_spec(self) -> dict[str, tuple[tuple[int, ...], str, float, float]]:
         return {
-            "action_chunk": ((self.action_horizon, self.model_action_dim), "float32", -np.inf, np.inf),
+            "action_chunk": (
+                (self.action_horizon, self.model_action_dim),
+                "float32",
+                -np.inf,
+                np.inf,
+            ),
             "frame": ((*self.frame_hw, 3), "uint8", 0, 255),
         }
 
@@ -677,7 +708,13 @@ class DreamZero(WorldModel):
 
     def embed(self, state: ModelState) -> np.ndarray:
         keys = sorted(k for k in state.tensors if k.startswith("latent_video/"))
-        return _unbits(state.tensors[keys[-1]][:, -1], "cpu").float().flatten().numpy().astype(np.float64)
+        return (
+            _unbits(state.tensors[keys[-1]][:, -1], "cpu")
+            .float()
+            .flatten()
+            .numpy()
+            .astype(np.float64)
+        )
 
     def spawn(self) -> DreamZero:
         """Another world on the same head (weights shared; each swaps its state in)."""
@@ -696,4 +733,3 @@ class DreamZero(WorldModel):
     def _require_started(self) -> None:
         if self._w is None:
             raise RuntimeError(f"{self.name}: call start() (or load_state()) first")
-

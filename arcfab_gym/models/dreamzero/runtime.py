@@ -205,7 +205,7 @@ class _CudaToCpu:
         torch.Tensor.to = to
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.Tensor.to = self._orig
 
 
@@ -252,7 +252,10 @@ def cpu_call(log: io.StringIO | None = None) -> Iterator[None]:
         p.setattr(sub, "flash_attention", _sdpa_flash_attention(attn))
         p.setattr(head_mod, "FlowUniPCMultistepScheduler",
                   _cpu_scheduler(head_mod.FlowUniPCMultistepScheduler))  # fmt: skip
-        with torch.compiler.set_stance("force_eager"), contextlib.redirect_stdout(log or io.StringIO()):
+        with (
+            torch.compiler.set_stance("force_eager"),
+            contextlib.redirect_stdout(log or io.StringIO()),
+        ):
             yield
     finally:
         p.undo()

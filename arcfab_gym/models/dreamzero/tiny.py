@@ -152,7 +152,9 @@ def tiny_head_config(weights_dir: str | Path, *, tiny: dict[str, Any] | None = N
     }  # fmt: skip
 
 
-def write_tiny_encoders(weights_dir: str | Path, *, tiny: dict | None = None, seed: int = 0) -> Path:
+def write_tiny_encoders(
+    weights_dir: str | Path, *, tiny: dict | None = None, seed: int = 0
+) -> Path:
     """Write the frozen encoders' ``.pth`` files (text encoder random at ``seed``)."""
     from arcfab_gym.models.dreamzero.runtime import import_dreamzero
 
