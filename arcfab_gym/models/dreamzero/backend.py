@@ -101,15 +101,20 @@ class HFTokenizer:
         return list(self.tok(text, add_special_tokens=True)["input_ids"])
 
 
-def tiny_checkpoint_dir(seed: int = 0) -> Path:
+def tiny_checkpoint_dir(seed: int = 0, src: str | None = None) -> Path:
     """A tiny random DreamZero checkpoint (made once per seed and machine, in the temp dir)."""
     from arcfab_gym.models.dreamzero import tiny
 
-    key = hashlib.sha256(json.dumps([tiny.TINY, seed, 1], sort_keys=True).encode()).hexdigest()
+    # Keyed by everything the files depend on: the tiny config, the seed, the stand-ins'
+    # code and DreamZero's commit (a change to any of them makes a new folder).
+    commit = runtime.find_src(src) / "UPSTREAM_COMMIT"
+    parts = [json.dumps([tiny.TINY, int(seed)], sort_keys=True),
+             Path(tiny.__file__).read_text(), commit.read_text() if commit.exists() else ""]  # fmt: skip
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     out = Path(tempfile.gettempdir()) / f"arcfab-dreamzero-tiny-{key[:12]}"
     if not (out / "config.json").exists():
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-        tiny.write_tiny_checkpoint(tmp, seed=seed)
+        tiny.write_tiny_checkpoint(tmp, seed=seed, src=src)
         # The config names the encoders' .pth files by path: rewrite them for the final place.
         cfg = (tmp / "config.json").read_text().replace(str(tmp), str(out))
         (tmp / "config.json").write_text(cfg)
@@ -184,7 +189,7 @@ class DreamZero(WorldModel):
         self.kv_storage = kv_storage
         self.tokenizer_path = tokenizer
         if _head is None:
-            ckpt = self.checkpoint or tiny_checkpoint_dir(self.tiny_seed)
+            ckpt = self.checkpoint or tiny_checkpoint_dir(self.tiny_seed, self.src)
             _head = runtime.load_head_from_checkpoint(ckpt, device=self.device, src=self.src)
         else:
             runtime.import_dreamzero(self.src)

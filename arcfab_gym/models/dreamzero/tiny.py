@@ -153,12 +153,12 @@ def tiny_head_config(weights_dir: str | Path, *, tiny: dict[str, Any] | None = N
 
 
 def write_tiny_encoders(
-    weights_dir: str | Path, *, tiny: dict | None = None, seed: int = 0
+    weights_dir: str | Path, *, tiny: dict | None = None, seed: int = 0, src=None
 ) -> Path:
     """Write the frozen encoders' ``.pth`` files (text encoder random at ``seed``)."""
     from arcfab_gym.models.dreamzero.runtime import import_dreamzero
 
-    import_dreamzero()
+    import_dreamzero(src)
     from groot.vla.model.dreamzero.modules.wan_video_text_encoder import WanTextEncoder
 
     cfg = tiny_head_config(weights_dir, tiny=tiny)
@@ -178,7 +178,9 @@ def write_tiny_encoders(
     return d
 
 
-def write_tiny_checkpoint(out: str | Path, *, seed: int = 0, tiny: dict | None = None) -> Path:
+def write_tiny_checkpoint(
+    out: str | Path, *, seed: int = 0, tiny: dict | None = None, src=None
+) -> Path:
     """A DreamZero-format checkpoint directory at the tiny size: ``config.json`` (a VLA
     config whose ``action_head_cfg.config`` is the head's) and ``model.safetensors``
     (weights under ``action_head.``), as DreamZero's loader reads them; the frozen
@@ -188,12 +190,12 @@ def write_tiny_checkpoint(out: str | Path, *, seed: int = 0, tiny: dict | None =
     from arcfab_gym.models.dreamzero.runtime import build_head
 
     out = Path(out)
-    write_tiny_encoders(out, tiny=tiny, seed=seed)
+    write_tiny_encoders(out, tiny=tiny, seed=seed, src=src)
     cfg = tiny_head_config(out, tiny=tiny)
     rng = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        head = build_head(copy.deepcopy(cfg), device="cpu")
+        head = build_head(copy.deepcopy(cfg), device="cpu", src=src)
     finally:
         torch.random.set_rng_state(rng)
     weights = {f"action_head.{k}": v.contiguous() for k, v in head.state_dict().items()
