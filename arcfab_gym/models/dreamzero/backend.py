@@ -12,7 +12,9 @@ Working state, all of it in the snapshot (see :meth:`DreamZero.extract_state`):
 * ``kv_cache1`` / ``kv_cache_neg``: per layer ``[2, B, L, heads, head_dim]`` (bf16), kept here
   as one tensor per frame block ``[layers, 2, B, block_tokens, heads, head_dim]`` that is
   never written again, so a checkpoint shares every earlier block with its parent and
-  costs O(new frames); the head gets ``torch.cat`` of them when this backend swaps in;
+  costs O(new frames); the head gets ``torch.cat`` of them when this backend swaps in.
+  With ``kv_storage="recompute"`` the snapshot holds no cache bytes: only the latents and
+  text each block was written from, and a restore re-runs DreamZero's cache-writing pass;
 * ``clip_feas`` and ``ys`` (set at the window's first frame), ``language`` (the reset key),
   ``current_start_frame``, ``seed`` (noise is drawn from a generator seeded with it on every
   call: there is no RNG stream to save);
@@ -28,6 +30,9 @@ saved language key and counters, so it never trips one; ``set_prompt`` moves the
 the text, so a new prompt continues the history; steps feed ``4`` frames. Only the window
 end resets, as DreamZero does on a robot: the context restarts from the last frame
 (``info["reset"]`` says when).
+
+With two ranks (:meth:`DreamZero.parallelize`) each process keeps its own CFG branch's
+cache; :mod:`arcfab_gym.models.dreamzero.ranks` gathers, restores and seeds both together.
 """
 
 from __future__ import annotations
