@@ -97,7 +97,8 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     ```
 
     * `backend`: registered world-model name (`arcfab_gym.list_world_models()`).
-    * `prompt`: one of `env.unwrapped.prompts`; an unknown prompt lists the valid ones.
+    * `prompt`: one of `env.unwrapped.prompts` (default: the backend's first); an unknown
+      prompt lists the valid ones.
     * `pixels`: add the decoded frame to the observation.
     * `render_mode`: `None` or `"rgb_array"`.
     * `max_snapshot_bytes`, `spill_dir`: the checkpoint store's memory budget and where it
@@ -116,7 +117,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     def __init__(
         self,
         backend: str = DEFAULT_BACKEND,
-        prompt: str = pusht.DEFAULT_PROMPT,
+        prompt: str | None = None,
         *,
         pixels: bool = False,
         render_mode: str | None = None,
@@ -143,14 +144,16 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.backend = backend
         self.pixels = bool(pixels)
         model = create_world_model(backend, **(backend_kwargs or {}))
-        self.prompt = model.check_prompt(prompt)
+        self.prompt = model.check_prompt(model.prompts[0] if prompt is None else prompt)
+        #: A backend's own observation layout, or None for the Push-T task's.
+        self._spec = model.observation_spec()
         store = StateManager(model, max_bytes=max_snapshot_bytes, spill_dir=spill_dir)
         self.fabric = Session(
             model, state_manager=store, tree=TrajectoryTree(store=store), max_rewind=max_rewind
         )
         self.action_space = spaces.Box(-1.0, 1.0, shape=(model.action_dim,), dtype=np.float32)
         lo, hi = POSITION_BOUNDS
-        obs_spaces: dict[str, spaces.Space] = {
+        obs_spaces: dict[str, spaces.Space] = self._backend_spaces() if self._spec else {
             "agent_pos": spaces.Box(lo, hi, shape=(2,), dtype=np.float32),
             "block_pose": spaces.Box(
                 np.array([lo, lo, 0.0], dtype=np.float32),
@@ -181,7 +184,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             raise ValueError(
                 f"unknown reset options {sorted(options)}; valid: 'prompt', 'initial_state'"
             )
-        if initial_state is None:
+        if initial_state is None and self._spec is None:
             initial_state = pusht.sample_initial_state(self.np_random)
         # The backend's own sampling RNG is seeded from the env's, so one reset seed fixes
         # the whole episode.
@@ -261,7 +264,16 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     def _frame_size(self) -> int:
         return int(self.fabric.model.frame_size)
 
+    def _backend_spaces(self) -> dict[str, spaces.Space]:
+        return {k: spaces.Box(low, high, shape=tuple(shape), dtype=np.dtype(dtype))
+                for k, (shape, dtype, low, high) in self._spec.items()}  # fmt: skip
+
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._spec is not None:
+            out = {k: np.array(obs[k], dtype=np.dtype(self._spec[k][1]), copy=True) for k in self._spec}
+            if self.pixels:
+                out["pixels"] = self.fabric.get_decoded_frame()
+            return out
         out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in obs.items()}
         if self.pixels:
             out["pixels"] = self.fabric.get_decoded_frame()

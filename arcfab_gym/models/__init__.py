@@ -2,7 +2,7 @@
 
     >>> from arcfab_gym.models import create_world_model, list_world_models
     >>> list_world_models()
-    ['mini-dreamzero', 'pusht-sim']
+    ['dreamzero', 'mini-dreamzero', 'pusht-sim']
     >>> model = create_world_model("pusht-sim", frame_size=64)
 
 A backend registers with :func:`register_world_model` (a class or factory, or an import
@@ -63,3 +63,5 @@ def create_world_model(name: str, **kwargs: Any) -> WorldModel:
 
 register_world_model("pusht-sim", "arcfab_gym.models.pusht_sim:PushTSim")
 register_world_model("mini-dreamzero", "arcfab_gym.models.mini_dreamzero.backend:MiniDreamZero")
+# DreamZero's own policy head; needs the optional extra and DreamZero's source (see README).
+register_world_model("dreamzero", "arcfab_gym.models.dreamzero.backend:DreamZero")

@@ -58,6 +58,8 @@ class WorldModel(abc.ABC):
     #: The closed prompt vocabulary this backend understands.
     prompts: ClassVar[tuple[str, ...]]
     action_dim: ClassVar[int] = 2
+    #: Float32 observation keys every step returns (the contract suite checks them).
+    observation_keys: ClassVar[tuple[str, ...]] = ("agent_pos", "block_pose", "goal_pose")
     #: Side in pixels of the frames ``decode_frame`` returns.
     frame_size: int = 96
 
@@ -139,6 +141,12 @@ class WorldModel(abc.ABC):
     @abc.abstractmethod
     def decode_frame(self, frame_index: int) -> np.ndarray:
         """RGB picture of frame ``frame_index`` of the history: uint8 ``[H, W, 3]``."""
+
+    def observation_spec(self) -> dict[str, tuple[tuple[int, ...], str, float, float]] | None:
+        """The backend's own observation layout, ``{key: (shape, dtype, low, high)}``, for
+        a backend that is not a Push-T world; None (the default) means the Push-T task's
+        observation (``agent_pos``, ``block_pose``, ``goal_pose``)."""
+        return None
 
     def embed(self, state: ModelState) -> np.ndarray:
         """A vector describing the current frame of ``state`` in this model's own terms
