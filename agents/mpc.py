@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from agents.objectives import OBJECTIVES, GoalPoseObjective
+from arcfab_gym.fabric.store import StateManager
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models.base import WorldModel
 from arcfab_gym.tasks import pusht
@@ -60,6 +61,33 @@ SEQUENCE_PLANNERS = ("cem", "icem", "mppi")
 PLANNERS = ("mcts", "gumbel", *SEQUENCE_PLANNERS, "random")
 
 
+def proposal_moves(model: WorldModel, num_proposals: int, rng: np.random.Generator,
+                   *, step_px: float = 40.0, prior_mass: float = 0.5):
+    """MCTS's candidate actions at a node: ``num_proposals`` actions drawn from the
+    model's own action-proposal head there (DreamZero predicts actions as well as video;
+    mini-dreamzero's head is a Gaussian mixture), which share ``prior_mass`` of the
+    prior, plus the relative moves of :func:`relative_moves`, which share the rest.
+
+    For a backend without proposals (``propose_actions``; pusht-sim) the candidates are
+    the relative moves alone, under a uniform prior -- the documented fallback.
+    """
+    moves = relative_moves(step_px)
+    propose = getattr(model, "propose_actions", None)
+    if propose is None or num_proposals < 1:
+        return moves
+    if not 0.0 < prior_mass < 1.0:
+        raise ValueError(f"prior_mass must be in (0, 1), got {prior_mass}")
+
+    def candidates(obs: dict[str, np.ndarray]):
+        fixed = moves(obs)
+        proposed = propose(num_proposals, rng)  # the node's state is loaded in the model
+        logits = np.concatenate([np.full(num_proposals, np.log(prior_mass / num_proposals)),
+                                 np.full(len(fixed), np.log((1 - prior_mass) / len(fixed)))])
+        return np.concatenate([proposed, fixed]).astype(np.float32), logits.astype(np.float32)
+
+    return candidates
+
+
 @dataclass
 class MPCConfig:
     """Arguments of the MPC agent."""
@@ -91,6 +119,9 @@ class MPCConfig:
     relative moves (``u * relative_px`` from where the pusher is at each step)."""
     relative_px: float = 64.0
     """Largest relative move per step (px)."""
+    proposals: int = 0
+    """MCTS: candidate actions per node drawn from the model's action proposals (beside
+    the relative moves; 0 = the relative moves alone)."""
 
 
 class MPCAgent:
@@ -101,8 +132,10 @@ class MPCAgent:
         if cfg.planner not in PLANNERS:
             raise ValueError(f"unknown planner {cfg.planner!r}: {', '.join(PLANNERS)}")
         self.model, self.cfg, self.rng = model, cfg, rng
-        self.tree = tree if tree is not None else TrajectoryTree()
-        self.candidates = relative_moves(cfg.step_px)
+        # One store for every search of the agent: a tree shared between searches must not
+        # see two stores' checkpoint ids (each store counts from 1).
+        self.tree = tree if tree is not None else TrajectoryTree(store=StateManager(model))
+        self.candidates = proposal_moves(model, cfg.proposals, rng, step_px=cfg.step_px)
         box = ([-1.0, -1.0], [1.0, 1.0])
         if cfg.planner == "cem":
             self.cem = CEMPlanner(*box, cfg.cem)

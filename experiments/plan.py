@@ -84,6 +84,8 @@ class PlannerConfig:
     """MCTS move size (px)."""
     actions: str = "absolute"
     """CEM / iCEM / MPPI search space: absolute pusher targets or relative moves."""
+    proposals: int = 0
+    """MCTS: candidates per node from the model's action proposals (0: moves only)."""
 
     def mpc(self, *, objective: str, record_tree: bool = True) -> MPCConfig:
         """The MPC agent's configuration for this planner."""
@@ -93,6 +95,7 @@ class PlannerConfig:
             planner=self.planner, num_simulations=self.num_simulations,
             max_depth=self.max_depth, discount=self.discount, step_px=self.step_px,
             objective=objective, record_tree=record_tree, actions=self.actions,
+            proposals=self.proposals,
             cem=CEMConfig(**seq),
             icem=ICEMConfig(**seq, noise_beta=self.noise_beta, keep_elites=self.keep_elites,
                             sample_decay=self.sample_decay),

@@ -10,6 +10,10 @@ as ``docs/results``). Runs of ``experiments.plan`` and of
 carry their standard error.
 
     python -m experiments.summarize runs/train_sb3-sweep/*
+
+``--plot budget.png`` also draws the planning runs' budget sweep: success rate and final
+coverage against model steps per action (and seconds per action), one line per planner
+and model.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _budget(planner_name: str, planner: dict[str, Any]) -> str:
         return ""
     if planner_name in ("mcts", "gumbel"):
         return f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
-    if planner_name in ("cem", "mppi"):
+    if planner_name in ("cem", "icem", "mppi"):
         return f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
     return ""
 
@@ -119,10 +123,73 @@ def summarize(paths: list[str]) -> str:
     return "\n\n".join(out)
 
 
+def sweep_points(paths: list[str]) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """Planning runs grouped by (planner, model), each a point of the budget sweep, sorted
+    by model steps per action."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for path in find_results(paths):
+        doc = json.loads(path.read_text())
+        if "episodes" not in doc or "goal_offset" in doc.get("summary", {}) or "evaluations" in doc:
+            continue
+        s, eps = doc["summary"], doc["episodes"]
+        groups.setdefault((s["planner"], s["backend"]), []).append({
+            "model_steps": statistics.mean(e["model_steps_per_action"] for e in eps),
+            "seconds": s["seconds_per_action"],
+            "success": statistics.mean(float(e["success"]) for e in eps),
+            "coverage": statistics.mean(e["final_coverage"] for e in eps),
+            "episodes": len(eps)})  # fmt: skip
+    for pts in groups.values():
+        pts.sort(key=lambda p: p["model_steps"])
+    return groups
+
+
+def plot_sweep(paths: list[str], out: Path) -> Path:
+    """Success rate and final coverage against model steps per action and seconds per
+    action, one line per (planner, model); written to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sweep_points(paths)
+    if not groups:
+        raise ValueError(f"no planning runs under {paths}")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for (planner, backend), pts in sorted(groups.items()):
+        style = "-" if backend == "pusht-sim" else "--"
+        label = f"{planner} in {backend}"
+        x = [p["model_steps"] for p in pts]
+        axes[0].plot(x, [p["success"] for p in pts], style, marker="o", label=label)
+        axes[1].plot(x, [p["coverage"] for p in pts], style, marker="o", label=label)
+        axes[2].plot([p["seconds"] for p in pts], [p["success"] for p in pts], style,
+                     marker="o", label=label)
+    for ax, (xl, yl) in zip(axes, [("model steps per action", "success rate"),
+                                   ("model steps per action", "final coverage"),
+                                   ("seconds per action", "success rate")]):
+        ax.set_xscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.95, color="grey", lw=0.8, ls=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Push-T planning budget sweep (solid: simulator as the model; dashed: "
+                 "mini-dreamzero)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run directories or results.json files")
-    print(summarize(parser.parse_args(argv).paths))
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw the budget sweep of the planning runs to this PNG")
+    args = parser.parse_args(argv)
+    print(summarize(args.paths))
+    if args.plot is not None:
+        print(f"budget sweep: {plot_sweep(args.paths, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,10 @@ class WorldSearch:
     Args:
         model: any backend (it is used as a stepping engine: its own state is clobbered).
         candidates: ``candidates(observation) -> [A, action_dim]``, the discrete action
-            set at a node (e.g. moves relative to the agent, or the model's proposals).
+            set at a node (e.g. moves relative to the agent, or the model's proposals), or
+            ``-> (actions [A, action_dim], prior_logits [A])`` to give MCTS a prior over
+            them. It is called with the node's state loaded in ``model``, so it may ask
+            the model for its own action proposals there.
         store, tree: where expanded nodes go (new ones by default).
         objective: reward of a transition (default: the backend's reward).
         value_fn: value estimate of a new leaf, ``value_fn(model, out, state)``; default
@@ -151,6 +154,7 @@ class WorldSearch:
         self.discount = float(discount)
         self.session_id = session_id
         self._actions: dict[str, np.ndarray] = {}  # checkpoint id -> [A, action_dim]
+        self._logits: dict[str, np.ndarray] = {}  # checkpoint id -> [A] prior logits
         self._owned: list[str] = []
         self.expansions = 0
 
@@ -158,15 +162,14 @@ class WorldSearch:
     def root(
         self, states: Sequence[ModelState], *, parent_ids: Sequence[str | None] | None = None
     ) -> RootFnOutput:
-        """The roots of a batch of searches (one per state); uniform priors, value from
-        ``value_fn`` of the current frame is not available, so 0."""
+        """The roots of a batch of searches (one per state); priors from ``candidates``
+        (uniform by default); value 0 (no value of the current frame is available)."""
         ids = []
         for b, state in enumerate(states):
             parent = None if parent_ids is None else parent_ids[b]
             ids.append(self._put(state, parent, kind="search-root", action=None, reward=None))
-        a = len(self._actions[ids[0]])
         return RootFnOutput(
-            prior_logits=np.zeros((len(ids), a), dtype=np.float32),
+            prior_logits=np.stack([self._logits[cid] for cid in ids]),
             value=np.zeros(len(ids), dtype=np.float32),
             embedding=np.array(ids, dtype=object),
         )
@@ -190,12 +193,11 @@ class WorldSearch:
             rewards.append(r / max(1e-6, 1.0 - self.discount) if out.terminated else r)
             values.append(0.0 if out.terminated else v)
             discounts.append(0.0 if out.terminated else self.discount)
-        a = len(self._actions[new_ids[0]])
         return (
             RecurrentFnOutput(
                 reward=np.asarray(rewards, dtype=np.float32),
                 discount=np.asarray(discounts, dtype=np.float32),
-                prior_logits=np.zeros((len(ids), a), dtype=np.float32),
+                prior_logits=np.stack([self._logits[cid] for cid in new_ids]),
                 value=np.asarray(values, dtype=np.float32),
             ),
             np.array(new_ids, dtype=object),
@@ -244,7 +246,14 @@ class WorldSearch:
         )  # fmt: skip
         cid = self.store.put(snap)
         self._owned.append(cid)
-        self._actions[cid] = np.asarray(self.candidates(model.observe()), dtype=np.float32)
+        cands = self.candidates(model.observe())
+        actions, logits = cands if isinstance(cands, tuple) else (cands, None)
+        self._actions[cid] = np.asarray(actions, dtype=np.float32)
+        self._logits[cid] = (np.zeros(len(actions), dtype=np.float32) if logits is None
+                             else np.asarray(logits, dtype=np.float32))  # fmt: skip
+        if self._logits[cid].shape != (len(actions),):
+            raise ValueError(f"candidates gave {len(actions)} actions but prior logits of "
+                             f"shape {self._logits[cid].shape}")
         self.tree.add_node(cid, self.session_id, snap.frame_index,
                            parent_id=parent if parent in self.tree else None, **meta)
         return cid

@@ -72,3 +72,28 @@ def test_relative_action_map_moves_from_each_pusher():
     obs = [{"agent_pos": np.array([100.0, 100.0])}, {"agent_pos": np.array([500.0, 10.0])}]
     act = amap(obs, np.array([[1.0, 0.0], [1.0, -1.0]]))
     np.testing.assert_allclose(pusht.action_to_target(act), [[150, 100], [512, 0]], atol=1e-3)
+
+
+def test_mcts_candidates_come_from_the_models_proposals_with_their_prior():
+    from agents.mpc import proposal_moves, relative_moves
+    from arcfab_gym.models import create_world_model
+
+    model = create_world_model("mini-dreamzero")
+    model.start(PROMPT, 3)
+    rng = np.random.default_rng(0)
+    search = WorldSearch(model, proposal_moves(model, 6, rng, prior_mass=0.6))
+    root = search.root([model.extract_state()])
+    cid = root.embedding[0]
+    actions = search._actions[cid]
+    assert actions.shape == (6 + 17, 2) and np.all(np.abs(actions) <= 1)
+    probs = np.exp(root.prior_logits[0])
+    np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[:6].sum(), 0.6, rtol=1e-5)
+    # The proposals are the model's own, drawn at the node's state.
+    np.testing.assert_array_equal(actions[:6], model.propose_actions(6, np.random.default_rng(0)))
+    out, _ = search.recurrent_fn(None, rng, np.array([0]), root.embedding)
+    assert out.prior_logits.shape == (1, 23)
+    search.release()
+    # A backend without proposals falls back to the relative moves, uniform.
+    sim = near_goal_sim(10.0)
+    assert proposal_moves(sim, 6, rng).__qualname__ == relative_moves(40.0).__qualname__

@@ -134,7 +134,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             raise ValueError(
                 f"max_episode_frames must be an int >= 1 or None, got {max_episode_frames!r}")
         self.max_episode_frames = None if max_episode_frames is None else int(max_episode_frames)
-        self._spec: EnvSpec | None = None
+        self._spec: EnvSpec | None = None  # gymnasium's EnvSpec (see the spec property)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
                 f"render_mode must be one of {self.metadata['render_modes']} or None, "
@@ -146,14 +146,14 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         model = create_world_model(backend, **(backend_kwargs or {}))
         self.prompt = model.check_prompt(model.prompts[0] if prompt is None else prompt)
         #: A backend's own observation layout, or None for the Push-T task's.
-        self._spec = model.observation_spec()
+        self._obs_spec = model.observation_spec()
         store = StateManager(model, max_bytes=max_snapshot_bytes, spill_dir=spill_dir)
         self.fabric = Session(
             model, state_manager=store, tree=TrajectoryTree(store=store), max_rewind=max_rewind
         )
         self.action_space = spaces.Box(-1.0, 1.0, shape=(model.action_dim,), dtype=np.float32)
         lo, hi = POSITION_BOUNDS
-        obs_spaces: dict[str, spaces.Space] = self._backend_spaces() if self._spec else {
+        obs_spaces: dict[str, spaces.Space] = self._backend_spaces() if self._obs_spec else {
             "agent_pos": spaces.Box(lo, hi, shape=(2,), dtype=np.float32),
             "block_pose": spaces.Box(
                 np.array([lo, lo, 0.0], dtype=np.float32),
@@ -184,7 +184,7 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             raise ValueError(
                 f"unknown reset options {sorted(options)}; valid: 'prompt', 'initial_state'"
             )
-        if initial_state is None and self._spec is None:
+        if initial_state is None and self._obs_spec is None:
             initial_state = pusht.sample_initial_state(self.np_random)
         # The backend's own sampling RNG is seeded from the env's, so one reset seed fixes
         # the whole episode.
@@ -266,11 +266,11 @@ class ArcFabricEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     def _backend_spaces(self) -> dict[str, spaces.Space]:
         return {k: spaces.Box(low, high, shape=tuple(shape), dtype=np.dtype(dtype))
-                for k, (shape, dtype, low, high) in self._spec.items()}  # fmt: skip
+                for k, (shape, dtype, low, high) in self._obs_spec.items()}  # fmt: skip
 
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._spec is not None:
-            out = {k: np.array(obs[k], dtype=np.dtype(self._spec[k][1]), copy=True) for k in self._spec}
+        if self._obs_spec is not None:
+            out = {k: np.array(obs[k], dtype=np.dtype(self._obs_spec[k][1]), copy=True) for k in self._obs_spec}
             if self.pixels:
                 out["pixels"] = self.fabric.get_decoded_frame()
             return out
