@@ -25,6 +25,8 @@ def test_success_needs_pusher_block_and_angle_within_tolerance():
     assert reached(_info([110, 100], [300, 315, 0.1 + 0.3]), goal_agent, goal_block)
     assert not reached(_info([121, 100], [300, 300, 0.1]), goal_agent, goal_block)  # pusher
     assert not reached(_info([100, 100], [300, 321, 0.1]), goal_agent, goal_block)  # block
+    # Together, as stable-worldmodel counts them: 15 px and 15 px are 21 px apart.
+    assert not reached(_info([115, 100], [300, 315, 0.1]), goal_agent, goal_block)
     assert not reached(_info([100, 100], [300, 300, 0.1 + math.pi / 9 + 0.01]),
                        goal_agent, goal_block)  # angle
     # Angles wrap: 2 pi - 0.05 is 0.05 + 0.1 away from 0.1 ... the short way round.
