@@ -30,7 +30,12 @@ def test_config_groups_compose_into_a_structured_config():
     assert cfg.backend.name == "pusht-sim" and cfg.planner.planner == "cem"
     assert cfg.experiment.episodes == 50 and cfg.experiment.max_steps == 75
     default = compose_plan()
-    assert default.backend.name == "mini-dreamzero" and default.planner.planner == "cem" and default.planner.num_samples == 16
+    # make plan: iCEM 16x6x2 on the pose objective inside mini-dreamzero, 2 x 40 actions.
+    assert default.backend.name == "mini-dreamzero" and default.planner.planner == "icem"
+    assert (default.planner.num_samples, default.planner.horizon, default.planner.iterations) == (16, 6, 2)
+    assert default.objective == "pose" and default.experiment.max_steps == 40
+    mpc = default.planner.mpc(objective=default.objective)
+    assert mpc.icem.num_samples == 16 and mpc.icem.noise_beta == 2.0
 
 
 def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
