@@ -18,6 +18,45 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def check_budget(cfg) -> None:
+    """The checks every sequence planner's config shares (horizon, samples, elites,
+    iterations)."""
+    if cfg.horizon < 1 or cfg.num_samples < 1 or cfg.iterations < 1:
+        raise ValueError("horizon, num_samples and iterations must be >= 1")
+    if not 1 <= cfg.num_elites <= cfg.num_samples:
+        raise ValueError(
+            f"num_elites must be in [1, num_samples={cfg.num_samples}], got {cfg.num_elites}"
+        )
+
+
+class BoxPlanner:
+    """What the sequence planners share: the action box and the warm start (the last
+    call's mean, shifted by one step)."""
+
+    def __init__(self, action_low, action_high):
+        self.low = np.asarray(action_low, dtype=np.float64)
+        self.high = np.asarray(action_high, dtype=np.float64)
+        if self.low.shape != self.high.shape or self.low.ndim != 1:
+            raise ValueError("action_low and action_high must be 1-D arrays of one shape")
+        if np.any(self.low >= self.high):
+            raise ValueError("action_low must be below action_high")
+        self.half = (self.high - self.low) / 2
+        self.centre = (self.low + self.high) / 2
+        self._mean: np.ndarray | None = None  # [H, A], warm start
+
+    def reset(self) -> None:
+        """Forget the warm start (call at the start of an episode)."""
+        self._mean = None
+
+    def _shifted_mean(self, horizon: int) -> np.ndarray:
+        if self._mean is None:
+            return np.tile(self.centre, (horizon, 1))
+        return np.concatenate([self._mean[1:], self._mean[-1:]], axis=0)
+
+    def _clip(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.low, self.high)
+
+
 @dataclass
 class CEMConfig:
     """Arguments of the sampling planner."""
@@ -44,12 +83,7 @@ class CEMConfig:
     """Include the current mean itself as one sample (never worse than not planning)."""
 
     def __post_init__(self):
-        if self.horizon < 1 or self.num_samples < 1 or self.iterations < 1:
-            raise ValueError("horizon, num_samples and iterations must be >= 1")
-        if not 1 <= self.num_elites <= self.num_samples:
-            raise ValueError(
-                f"num_elites must be in [1, num_samples={self.num_samples}], got {self.num_elites}"
-            )
+        check_budget(self)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -66,7 +100,7 @@ class PlanResult:
     sequence: np.ndarray | None = None  # [H, A] the sequence acted on (best, or MPPI's mean)
 
 
-class CEMPlanner:
+class CEMPlanner(BoxPlanner):
     """Cross-entropy method / MPPI over ``[H, A]`` action sequences in a box.
 
     Args:
@@ -75,18 +109,8 @@ class CEMPlanner:
     """
 
     def __init__(self, action_low, action_high, config: CEMConfig | None = None):
-        self.low = np.asarray(action_low, dtype=np.float64)
-        self.high = np.asarray(action_high, dtype=np.float64)
-        if self.low.shape != self.high.shape or self.low.ndim != 1:
-            raise ValueError("action_low and action_high must be 1-D arrays of one shape")
-        if np.any(self.low >= self.high):
-            raise ValueError("action_low must be below action_high")
+        super().__init__(action_low, action_high)
         self.cfg = config or CEMConfig()
-        self._mean: np.ndarray | None = None  # [H, A], warm start
-
-    def reset(self) -> None:
-        """Forget the warm start (call at the start of an episode)."""
-        self._mean = None
 
     def plan(
         self,
@@ -94,12 +118,8 @@ class CEMPlanner:
         rng: np.random.Generator,
     ) -> PlanResult:
         cfg, A = self.cfg, len(self.low)
-        centre = (self.low + self.high) / 2
-        half = (self.high - self.low) / 2
-        if self._mean is None:
-            mean = np.tile(centre, (cfg.horizon, 1))
-        else:  # warm start: drop the executed step, repeat the last
-            mean = np.concatenate([self._mean[1:], self._mean[-1:]], axis=0)
+        half = self.half
+        mean = self._shifted_mean(cfg.horizon)  # warm start: drop the executed step
         std = np.full((cfg.horizon, A), cfg.init_std) * half
         all_returns, evaluations = [], 0
         best_return, best_seq = -np.inf, mean

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planners.cem import PlanResult
+from planners.cem import BoxPlanner, PlanResult, check_budget
 
 Evaluate = Callable[[np.ndarray], np.ndarray]
 
@@ -65,33 +65,6 @@ def _check_returns(returns: np.ndarray, n: int) -> np.ndarray:
     return returns
 
 
-class _BoxPlanner:
-    """Shared by both: the action box, the warm start, and the sequence shape."""
-
-    def __init__(self, action_low, action_high):
-        self.low = np.asarray(action_low, dtype=np.float64)
-        self.high = np.asarray(action_high, dtype=np.float64)
-        if self.low.shape != self.high.shape or self.low.ndim != 1:
-            raise ValueError("action_low and action_high must be 1-D arrays of one shape")
-        if np.any(self.low >= self.high):
-            raise ValueError("action_low must be below action_high")
-        self.half = (self.high - self.low) / 2
-        self.centre = (self.low + self.high) / 2
-        self._mean: np.ndarray | None = None  # [H, A], warm start
-
-    def reset(self) -> None:
-        """Forget the warm start (call at the start of an episode)."""
-        self._mean = None
-
-    def _shifted_mean(self, horizon: int) -> np.ndarray:
-        if self._mean is None:
-            return np.tile(self.centre, (horizon, 1))
-        return np.concatenate([self._mean[1:], self._mean[-1:]], axis=0)
-
-    def _clip(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(x, self.low, self.high)
-
-
 @dataclass
 class ICEMConfig:
     """Arguments of iCEM (defaults: the paper's, for a small budget)."""
@@ -114,12 +87,7 @@ class ICEMConfig:
     """Share of the previous mean and std kept at each refit."""
 
     def __post_init__(self):
-        if self.horizon < 1 or self.num_samples < 1 or self.iterations < 1:
-            raise ValueError("horizon, num_samples and iterations must be >= 1")
-        if not 1 <= self.num_elites <= self.num_samples:
-            raise ValueError(
-                f"num_elites must be in [1, num_samples={self.num_samples}], got {self.num_elites}"
-            )
+        check_budget(self)
         if self.sample_decay < 1 or not 0 <= self.keep_elites <= 1 or self.noise_beta < 0:
             raise ValueError("need sample_decay >= 1, 0 <= keep_elites <= 1, noise_beta >= 0")
 
@@ -135,7 +103,7 @@ class ICEMConfig:
         return sum(self.samples_at(i) for i in range(self.iterations)) + kept * self.iterations + 1
 
 
-class ICEMPlanner(_BoxPlanner):
+class ICEMPlanner(BoxPlanner):
     """iCEM over ``[H, A]`` action sequences in a box (see the module docstring)."""
 
     def __init__(self, action_low, action_high, config: ICEMConfig | None = None):
@@ -208,12 +176,7 @@ class MPPIConfig:
     """Execute the best elite instead of one drawn by weight (TD-MPC2's eval mode draws)."""
 
     def __post_init__(self):
-        if self.horizon < 1 or self.num_samples < 1 or self.iterations < 1:
-            raise ValueError("horizon, num_samples and iterations must be >= 1")
-        if not 1 <= self.num_elites <= self.num_samples:
-            raise ValueError(
-                f"num_elites must be in [1, num_samples={self.num_samples}], got {self.num_elites}"
-            )
+        check_budget(self)
         if self.temperature <= 0 or not 0 < self.min_std <= self.max_std:
             raise ValueError("need temperature > 0 and 0 < min_std <= max_std")
 
@@ -222,7 +185,7 @@ class MPPIConfig:
         return self.num_samples * self.iterations
 
 
-class MPPIPlanner(_BoxPlanner):
+class MPPIPlanner(BoxPlanner):
     """MPPI over ``[H, A]`` action sequences in a box, as TD-MPC2's ``plan``."""
 
     def __init__(self, action_low, action_high, config: MPPIConfig | None = None):
