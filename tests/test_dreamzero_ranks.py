@@ -19,7 +19,7 @@ from arcfab_gym.models.dreamzero import runtime
 
 _WHY = runtime.availability()
 if _WHY is not None:  # skip on a developer's machine; fail in CI, which installs it (.ci/run)
-    if os.environ.get("CI"):
+    if runtime.required_here():
         pytest.fail(f"CI must run the dreamzero tests: {_WHY}", pytrace=False)
     pytest.skip(f"dreamzero backend unavailable: {_WHY}", allow_module_level=True)
 WORKER = Path(__file__).with_name("dreamzero_rank_worker.py")
