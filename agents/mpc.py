@@ -185,7 +185,8 @@ class MPCAgent:
             root_obs = self.model.observe()
             action = self._plan_sequence(root_obs, sequence_evaluator(
                 self.model, root, objective=self.objective, discount=self.cfg.discount,
-                action_map=self.action_map, root_observation=root_obs))
+                action_map=self.action_map, root_observation=root_obs,
+                render=getattr(self.objective, "reads_frames", False)))
         else:
             action = self._search(root)
         self.model.load_state(root)

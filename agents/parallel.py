@@ -43,7 +43,8 @@ class ParallelMPCAgent(MPCAgent):
             root_obs = self.model.observe()
             action = self._plan_sequence(root_obs, self.pool.sequence_evaluator(
                 objective=self.objective, discount=self.cfg.discount,
-                action_map=self.action_map, root_observation=root_obs))
+                action_map=self.action_map, root_observation=root_obs,
+                render=getattr(self.objective, "reads_frames", False)))
         else:
             res = self.pool.root_parallel_search(
                 self.candidates, searches=self.searches, seed=int(self.rng.integers(2**31 - 1)),

@@ -106,6 +106,10 @@ def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
     return max((time.perf_counter() - t0) / (cfg.minutes * 60), step / cfg.max_steps)
 
 
+#: Per-episode flags that older data files lack (see experiments.collect).
+_OPTIONAL_FLAGS = ("near_goal",)
+
+
 def load_npz(paths: str | Sequence[str], tiny: bool) -> dict[str, np.ndarray]:
     """Episodes from one .npz file, or from several concatenated along the episode axis."""
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -113,6 +117,9 @@ def load_npz(paths: str | Sequence[str], tiny: bool) -> dict[str, np.ndarray]:
     for path in paths:
         with np.load(path, allow_pickle=False) as f:
             parts.append({k: f[k] for k in f.files})
+        # Files written before a per-episode flag existed did not have it: it is False.
+        for key in _OPTIONAL_FLAGS:
+            parts[-1].setdefault(key, np.zeros(len(parts[-1]["actions"]), dtype=bool))
         if set(parts[-1]) != set(parts[0]):
             raise ValueError(f"{path} holds {sorted(parts[-1])}, {paths[0]} {sorted(parts[0])}")
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]

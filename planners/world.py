@@ -42,6 +42,9 @@ class GoalObjective:
     """Minus the distance to a goal in the backend's embedding space (``model.embed``),
     scaled so that a typical distance is about 1."""
 
+    #: It reads each step's frame (its embedding), not just the observation and reward.
+    reads_frames = True
+
     def __init__(self, goal_embedding: np.ndarray, scale: float = 1.0):
         self.goal = np.asarray(goal_embedding, dtype=np.float64)
         self.scale = float(scale)
@@ -73,6 +76,7 @@ def sequence_evaluator(
     on_rollout: Callable[[np.ndarray, list[StepOutput]], None] | None = None,
     action_map: ActionMap | None = None,
     root_observation: dict[str, np.ndarray] | None = None,
+    render: bool = True,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``evaluate(actions [N, H, A]) -> returns [N]`` by forking ``root`` N times.
 
@@ -84,6 +88,9 @@ def sequence_evaluator(
     ``action_map(observations, u [N, A]) -> actions [N, A]`` turns the planner's variables
     into the backend's actions given each fork's last observation (e.g. moves relative to
     an agent); it needs ``root_observation`` for the first step.
+    ``render=False`` tells the backend that ``objective`` reads only the observation and
+    reward of each step (see :meth:`WorldModel.step_batch`): a backend with a video may
+    then skip generating the frames of the rollouts.
     """
     if action_map is not None and root_observation is None:
         raise ValueError("action_map needs root_observation (the observation at the root)")
@@ -98,7 +105,7 @@ def sequence_evaluator(
         obs = [root_observation] * n
         for h in range(horizon):
             actions = seqs[:, h] if action_map is None else action_map(obs, seqs[:, h])
-            states, outs = model.step_batch(states, actions)
+            states, outs = model.step_batch(states, actions, render=render)
             obs = [o.observation for o in outs]
             values = np.array([objective(model, o, s) for o, s in zip(outs, states)])
             ended = alive & np.array([o.terminated for o in outs])

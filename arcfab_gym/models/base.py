@@ -79,13 +79,18 @@ class WorldModel(abc.ABC):
         """Advance the world by one frame under ``action`` (shape ``[action_dim]``)."""
 
     def step_batch(
-        self, states: Sequence[ModelState], actions: np.ndarray
+        self, states: Sequence[ModelState], actions: np.ndarray, *, render: bool = True
     ) -> tuple[list[ModelState], list[StepOutput]]:
         """Step ``len(states)`` independent worlds once each; ``actions`` is ``[B, action_dim]``.
 
         The default loops over :meth:`load_state` / :meth:`step` / :meth:`extract_state`
         and leaves this model in the last world's state; batched backends override it with
         one model call. Results must equal the loop bit for bit.
+
+        ``render=False`` is a hint from a caller that reads only the observation, reward
+        and termination: a backend may leave the rest of the frame (its video) to be
+        produced when it is read, provided the bits are then the same as with ``step()``.
+        Backends without such a split ignore it.
         """
         actions = np.asarray(actions)
         if actions.ndim != 2 or len(actions) != len(states):

@@ -118,8 +118,9 @@ class WorldHost:
         self.model(handle).load_state(self.state(ref), include_rng=include_rng)
 
     def step_batch(self, handle: int, refs: Sequence[int | ModelState],
-                   actions: np.ndarray) -> tuple[list[int], list[StepOutput]]:
-        states, outs = self.model(handle).step_batch([self.state(r) for r in refs], actions)
+                   actions: np.ndarray, render: bool = True) -> tuple[list[int], list[StepOutput]]:
+        states, outs = self.model(handle).step_batch([self.state(r) for r in refs], actions,
+                                                     render=render)  # fmt: skip
         return [self.keep(s) for s in states], outs
 
     def embed(self, handle: int, ref: int | ModelState) -> np.ndarray:
@@ -349,11 +350,11 @@ class RemoteWorldModel(WorldModel):
     def step(self, action) -> StepOutput:
         return self._call("step", action)
 
-    def step_batch(self, states, actions):
+    def step_batch(self, states, actions, *, render=True):
         if self._closed:
             raise RuntimeError(f"remote {self.name!r} model is closed")
         sids, outs = self.client.call("step_batch", self.handle, [self._ref(s) for s in states],
-                                      np.asarray(actions))  # fmt: skip
+                                      np.asarray(actions), render)  # fmt: skip
         return [RemoteState(self.client, sid) for sid in sids], outs
 
     # state

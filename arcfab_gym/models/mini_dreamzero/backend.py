@@ -218,12 +218,20 @@ class MiniDreamZero(WorldModel):
         self._step_worlds([self._w], a[None])
         return self._output(self._w)
 
-    def step_batch(self, states, actions):
+    def step_batch(self, states, actions, *, render: bool = True):
         """Step ``B`` worlds in one batched model call; ``actions`` ``[B, 2]``.
 
         Each world draws its noise from its own RNG, so the results match stepping the
         worlds one by one up to float rounding (batched matrix products sum in another
-        order). Leaves this model in the last world's state."""
+        order). Leaves this model in the last world's state.
+
+        ``render=False`` advances the task state token alone (observation, reward and
+        termination read only it) and leaves the frame's video latent and cache block
+        pending: they are generated when something reads them (a frame, a cache, the
+        proposals, a full step), one world at a time, with the world's own RNG, so the
+        bits are those of stepping it with ``step()``. Planners whose objective reads the
+        state alone skip the video this way; the coverage head's diagnostic reads NaN
+        until the frame is rendered."""
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2 or len(actions) != len(states):
             raise InvalidActionError(
@@ -234,7 +242,7 @@ class MiniDreamZero(WorldModel):
         worlds = [self._world_from_state(s, include_rng=True) for s in states]
         if not worlds:
             return [], []
-        self._step_worlds(worlds, acts)
+        self._step_worlds(worlds, acts, render=render)
         self._w = worlds[-1]
         return [self._state_of(w) for w in worlds], [self._output(w) for w in worlds]
 
@@ -295,20 +303,37 @@ class MiniDreamZero(WorldModel):
             mask = valid.repeat_interleave(2, dim=0)[:, None, None, :]
         return caches, cross_kv, mask
 
-    def _step_worlds(self, worlds: list[_World], actions: np.ndarray) -> None:
+    def _step_worlds(self, worlds: list[_World], actions: np.ndarray, *, render: bool = True) -> None:
         with torch.no_grad():
+            if render:
+                self._render(worlds)  # frames left pending by earlier state-only steps
             acts = torch.tensor(actions, dtype=torch.float32)
             now = torch.from_numpy(np.stack([w.task[w.n - 1] for w in worlds]))
             prev = torch.from_numpy(np.stack([w.task[max(w.n - 2, 0)] for w in worlds]))
             last = torch.from_numpy(np.stack([w.acts[w.n - 1] for w in worlds]))
             nxt = self.weights.state_net(now, prev, acts, last)  # the state token, predicted
-            latents = self._generate(worlds, acts, now, prev, nxt)
-            self._write(worlds, latents, nxt.numpy(), acts.numpy(), real=False)
+            self._record(worlds, nxt.numpy(), acts.numpy(), real=False)
+            if render:
+                self._write_video(worlds, self._generate(worlds, acts, now, prev, nxt), nxt.numpy())
+
+    def _render(self, worlds: list[_World]) -> None:
+        """Generate every frame a state-only step left pending, in order, one world at a
+        time (so a frame's bits never depend on which worlds it was batched with)."""
+        with torch.no_grad():
+            for w in worlds:
+                while w.rendered < w.n:
+                    f = w.rendered
+                    now = torch.from_numpy(w.task[f - 1 : f].copy())
+                    prev = torch.from_numpy(w.task[max(f - 2, 0) : max(f - 2, 0) + 1].copy())
+                    act = torch.from_numpy(w.acts[f : f + 1].copy())
+                    nxt = torch.from_numpy(w.task[f : f + 1].copy())
+                    self._write_video([w], self._generate([w], act, now, prev, nxt), nxt.numpy())
 
     def _generate(self, worlds: list[_World], actions: torch.Tensor, now: torch.Tensor,
                   prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        """Denoise each world's next frame (caches frozen), conditioned on the action, the
-        pusher and the predicted next task state ``nxt`` ``[B, 6]``: latents ``[B, C, S, S]``."""
+        """Denoise each world's next frame to render (frame ``w.rendered``; caches
+        frozen), conditioned on the action, the pusher and the predicted next task state
+        ``nxt`` ``[B, 6]``: latents ``[B, C, S, S]``."""
         net, c = self.net, self.net.cfg
         tf, B = c.tokens_per_frame, len(worlds)
         caches, cross, mask = self._gather(worlds, max_frames=None, new_tokens=tf + 2)
@@ -316,7 +341,7 @@ class MiniDreamZero(WorldModel):
         ctrl = net.control_tokens(actions, pusher).repeat_interleave(2, dim=0)  # [2B, 2, d]
         smap = net.map_tokens(nxt).repeat_interleave(2, dim=0)
         ys = torch.cat([w.ys for w in worlds]).repeat_interleave(2, dim=0)
-        pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None]
+        pos = torch.tensor([float(w.rendered) for w in worlds]).repeat_interleave(2)[:, None]
         pos = pos.expand(2 * B, tf + 2)
         shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
@@ -339,9 +364,28 @@ class MiniDreamZero(WorldModel):
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray,
                actions: np.ndarray, *, real: bool) -> None:
-        """Write each world's new frame ``latents[b]`` with its task state ``states[b]``
-        ``[6]`` (reached by ``actions[b]``) into both of its caches, run the heads, and
-        append the frame (new tensors and lists only; nothing is edited)."""
+        """Append each world's new frame: its task state ``states[b]`` ``[6]`` (reached by
+        ``actions[b]``) and its latent ``latents[b]``, written into both caches."""
+        self._record(worlds, states, actions, real=real)
+        self._write_video(worlds, latents, states)
+
+    def _record(self, worlds: list[_World], states: np.ndarray, actions: np.ndarray, *,
+                real: bool) -> None:
+        """Append a frame's task state to each world, with the reward and success the
+        task's own geometry gives its pose (its video is written by ``_write_video``)."""
+        states = np.asarray(states, dtype=np.float32)
+        agents, blocks = features.poses_from_state(states)
+        for b, w in enumerate(worlds):
+            goal = pusht.goal_pose(w.prompt)
+            cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
+            success = float(cov > pusht.SUCCESS_THRESHOLD)
+            w.append_frame(states[b], actions[b],
+                           [*agents[b], *blocks[b], cov, success, float(real), np.nan])
+
+    def _write_video(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray) -> None:
+        """Write frame ``w.rendered`` of each world: its latent ``latents[b]`` with its task
+        state ``states[b]`` into both of its caches, and run the heads (new tensors and
+        lists only; nothing is edited)."""
         net, c = self.net, self.net.cfg
         tf, B = c.tokens_per_frame, len(worlds)
         # A frame sees at most local_attn_size - 1 earlier frames (with itself: the
@@ -352,7 +396,7 @@ class MiniDreamZero(WorldModel):
         states = np.asarray(states, dtype=np.float32)
         smap = net.map_tokens(torch.from_numpy(states)).repeat_interleave(2, dim=0)
         tokens = net.frame_tokens(latents.repeat_interleave(2, dim=0), ys, torch.ones(2 * B), smap)
-        pos = torch.tensor([float(w.n) for w in worlds]).repeat_interleave(2)[:, None].expand(2 * B, tf)
+        pos = torch.tensor([float(w.rendered) for w in worlds]).repeat_interleave(2)[:, None].expand(2 * B, tf)
         hidden, kvs = net.run(tokens, pos, cross, caches, mask)
         k_all = torch.stack([k for k, _ in kvs])  # [layers, 2B, H, T_F, hd]
         v_all = torch.stack([v for _, v in kvs])
@@ -361,7 +405,6 @@ class MiniDreamZero(WorldModel):
             [heads["mdn_logits"][..., None], heads["mdn_mean"], heads["mdn_log_std"]], dim=-1
         )  # [B, n_mixture, 5]
         cov_head = heads["coverage"].numpy().astype(np.float64)
-        agents, blocks = features.poses_from_state(states)
         for b, w in enumerate(worlds):
             # [layers, 2 (k, v), 2 (branch), H, T_F, hd]: one immutable block per frame.
             block = torch.stack([k_all[:, 2 * b : 2 * b + 2], v_all[:, 2 * b : 2 * b + 2]], dim=1)
@@ -371,13 +414,9 @@ class MiniDreamZero(WorldModel):
                 w.blocks = w.blocks[drop:]
                 w.cache_start += drop
             w.proposal = proposal[b].clone()
-            # Reward and success: the task's own geometry applied to the state's pose.
-            goal = pusht.goal_pose(w.prompt)
-            cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
-            success = float(cov > pusht.SUCCESS_THRESHOLD)
-            w.append_frame(states[b], actions[b],
-                           [*agents[b], *blocks[b], cov, success, float(real), cov_head[b]])
+            w.info[w.rendered, 8] = cov_head[b]
             w.append_latent(latents[b])
+            w.rendered += 1
 
     # --- real-world synchronisation (hybrid control) ------------------------------------
     @torch.no_grad()
@@ -429,8 +468,10 @@ class MiniDreamZero(WorldModel):
         """Drop the current frame's block, latent and record; write ``latent`` with task
         state ``state`` instead."""
         w = self._w
+        self._render([w])
         action = w.acts[w.n - 1].copy()  # the same action led to the replaced frame
         w.n -= 1
+        w.rendered -= 1
         w.blocks = w.blocks[:-1]
         tail = w.chunks[-1][:-1]
         w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
@@ -460,6 +501,7 @@ class MiniDreamZero(WorldModel):
             "prompt": w.prompt,
             "seed": w.seed,
             "current_start_frame": w.n,
+            "rendered_frames": w.rendered,
             "cache_start_frame": w.cache_start,
             "local_attn_size": self.local_attn_size,
             "num_frame_per_block": c.num_frame_per_block,
@@ -509,6 +551,12 @@ class MiniDreamZero(WorldModel):
         w.cache_start = int(meta["cache_start_frame"])
         w.chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
         w.set_frames(t["task_state"].numpy(), t["task_action"].numpy(), t["frame_info"].numpy())
+        w.rendered = int(meta.get("rendered_frames", n))
+        latents = sum(len(chunk) for chunk in w.chunks)
+        if not 1 <= w.rendered <= n or latents != w.rendered:
+            raise StateMismatchError(
+                f"rendered_frames ({w.rendered}) must be in [1, {n}] and equal the latent "
+                f"video's frames ({latents})")
         w.proposal = t["proposal"]
         return w
 
@@ -556,7 +604,10 @@ class MiniDreamZero(WorldModel):
 
     @property
     def _blocks(self) -> list[torch.Tensor]:
-        return [] if self._w is None else self._w.blocks
+        if self._w is None:
+            return []
+        self._render([self._w])
+        return self._w.blocks
 
     def observe(self) -> dict[str, np.ndarray]:
         self._require_started()
@@ -565,6 +616,8 @@ class MiniDreamZero(WorldModel):
     def latent(self, frame_index: int) -> torch.Tensor:
         """The latent of frame ``frame_index``, [C, S, S]."""
         i = self.check_frame_index(frame_index)
+        if i >= self._w.rendered:
+            self._render([self._w])
         return self._w.chunks[i // LATENT_CHUNK][i % LATENT_CHUNK]
 
     @torch.no_grad()
@@ -577,6 +630,7 @@ class MiniDreamZero(WorldModel):
         """``n`` actions ``[n, 2]`` sampled from the model's action-proposal head for the
         current frame (a mixture of Gaussians), clipped to the action box."""
         self._require_started()
+        self._render([self._w])
         rng = rng or np.random.default_rng()
         p = self._w.proposal.numpy().astype(np.float64)
         w = np.exp(p[:, 0] - p[:, 0].max())
@@ -588,11 +642,17 @@ class MiniDreamZero(WorldModel):
         """DreamZero's per-layer cache view ``[2, B=1, L, heads, head_dim]`` (k, v)."""
         self._require_started()
         b = {"cond": 0, "uncond": 1}[branch]
-        kv = torch.stack([blk[layer, :, b] for blk in self._w.blocks], dim=0)  # [F, 2, H, T_F, hd]
+        kv = torch.stack([blk[layer, :, b] for blk in self._blocks], dim=0)  # [F, 2, H, T_F, hd]
         return kv.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, None]
 
     def embed(self, state: ModelState) -> np.ndarray:
-        """The current frame's VAE latent, flattened (``C * S * S``)."""
+        """The current frame's VAE latent, flattened (``C * S * S``); a frame left pending
+        by a state-only step is rendered first (on a copy: ``state`` stays as it is)."""
+        n = int(state.meta.get("current_start_frame", 0))
+        if int(state.meta.get("rendered_frames", n)) < n:
+            w = self._world_from_state(state, include_rng=True)
+            self._render([w])
+            return w.chunks[-1][-1].flatten().numpy().astype(np.float64)
         chunks = sorted(k for k in state.tensors if k.startswith("latent_video/"))
         return state.tensors[chunks[-1]][-1].flatten().numpy().astype(np.float64)
 
@@ -675,7 +735,8 @@ class _World:
         self.info = np.zeros((0, FRAME_INFO_COLUMNS))  # [capacity, 9]; rows [:n] are valid
         self.task = np.zeros((0, features.STATE_DIM), np.float32)  # the task state per frame
         self.acts = np.zeros((0, 2), np.float32)  # the action that led to each frame
-        self.n = 0  # frames in the history
+        self.n = 0  # frames in the history (task state, action, record)
+        self.rendered = 0  # frames whose latent and cache block exist (the rest pending)
         self.proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
 
     def set_frames(self, task: np.ndarray, acts: np.ndarray, rows: np.ndarray) -> None:
