@@ -6,6 +6,9 @@ per fork at most a third of a batch-1 step. Everything is measured in the same r
 interleaved rounds, medians reported (this machine is shared and noisy).
 
     python benchmarks/model_step.py [--rounds 7] [--forks 64] [--weights-dir DIR]
+
+The last two lines: the same steps with ``render=False``, the task state token alone
+(what CEM / iCEM / MPPI pay when their objective reads only the state).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def main() -> None:
         model.step(actions[0])
     single_flops = counter.get_total_flops()
 
-    rows: dict[str, list[float]] = {"peak": [], "b1": [], "fork": []}
+    rows: dict[str, list[float]] = {"peak": [], "b1": [], "fork": [], "state": [], "state_fork": []}
     for _ in range(args.rounds):
         rows["peak"].append(matmul_peak_gflops())
         times = []
@@ -71,6 +74,16 @@ def main() -> None:
         t0 = time.perf_counter()
         model.step_batch(states, actions)
         rows["fork"].append(time.perf_counter() - t0)
+        # What a planner whose objective reads only the state pays (render=False).
+        times = []
+        for k in range(args.steps):
+            t0 = time.perf_counter()
+            model.step_batch(states[:1], actions[k % len(actions)][None], render=False)
+            times.append(time.perf_counter() - t0)
+        rows["state"].append(statistics.median(times))
+        t0 = time.perf_counter()
+        model.step_batch(states, actions, render=False)
+        rows["state_fork"].append(time.perf_counter() - t0)
 
     peak = statistics.median(rows["peak"])
     b1 = statistics.median(rows["b1"])
@@ -88,6 +101,12 @@ def main() -> None:
           f"{batch_flops / batch / 1e9 / peak:.0%} of peak, target >= 50%)")
     print(f"per fork in the batch:           {per_fork * 1e3:8.2f} ms   "
           f"= {per_fork / b1:.2f} x a batch-1 step (target <= 0.33)")
+    state1 = statistics.median(rows["state"])
+    state_fork = statistics.median(rows["state_fork"]) / args.forks
+    print(f"state-only step, batch 1:        {state1 * 1e3:8.2f} ms   "
+          f"= {b1 / state1:.0f}x faster than a full batch-1 step (video left pending)")
+    print(f"state-only, per fork of {args.forks}:      {state_fork * 1e3:8.2f} ms   "
+          f"= {per_fork / state_fork:.0f}x faster than a full batched fork")
 
 
 if __name__ == "__main__":
