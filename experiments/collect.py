@@ -65,6 +65,10 @@ class CollectConfig:
     goal, and the fine pushes that finish the task (DAgger-style data)."""
     planner_samples: int = 8
     """Samples of the data-collecting planner's first iteration (horizon 6, 2 iterations)."""
+    planner_model: str | None = None
+    """Where the data-collecting planner imagines: None for a copy of the simulator, or a
+    mini-dreamzero weights folder -- DAgger proper: the states that model's own plans
+    lead to, labelled by the real physics."""
     near_goal_fraction: float = 0.0
     """Share of episodes (of any policy) that start with the T near its goal pose
     (gym-pusht's start distribution almost never puts it there: in 3,000 uniform-start
@@ -176,17 +180,28 @@ class Jumps:
 
 
 class Planned:
-    """An iCEM planner (pose objective) on its own copy of the simulator, re-synced to the
-    real state before each action, with exploration noise on what it executes: with
-    probability ``explore`` an action is perturbed by ``noise_px``, and now and then it is
-    replaced by a jump, so the data holds the planner's path and its neighbourhood."""
+    """An iCEM planner (pose objective) on its own copy of the simulator (or inside a
+    learned model), re-synced to the real state before each action, with exploration
+    noise on what it executes: with probability ``explore`` an action is perturbed by
+    ``noise_px``, and now and then it is replaced by a jump, so the data holds the
+    planner's path and its neighbourhood."""
 
-    def __init__(self, rng: np.random.Generator, real: PushTSim, samples: int):
+    def __init__(self, rng: np.random.Generator, real: PushTSim, samples: int,
+                 model_dir: str | None = None, *, prompt: str = "", seed: int = 0,
+                 initial_state: np.ndarray | None = None):
         from agents.mpc import MPCAgent, MPCConfig
         from planners.icem import ICEMConfig
 
         self.rng, self.real = rng, real
-        self.imagine = real.spawn()
+        if model_dir is None:
+            self.imagine = real.spawn()
+        else:
+            from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero
+
+            self.imagine = MiniDreamZero(weights_dir=model_dir)
+            self.imagine.start(prompt, seed, initial_state)
+        self.learned = model_dir is not None
+        self.last_action: np.ndarray | None = None
         cfg = MPCConfig(planner="icem", objective="pose", record_tree=False,
                         icem=ICEMConfig(horizon=6, num_samples=samples, num_elites=4,
                                         iterations=2))  # fmt: skip
@@ -194,8 +209,22 @@ class Planned:
         self.explore = float(rng.uniform(0.2, 0.6))
         self.noise_px = float(rng.uniform(4.0, 30.0))
 
+    def _sync(self) -> None:
+        if not self.learned:
+            self.imagine.load_state(self.real.extract_state())
+        elif self.last_action is not None:  # step with what was executed, then resync
+            self.imagine.step(self.last_action)
+            obs = self.real.observe()
+            self.imagine.resync(frame=self.real.decode_frame(self.real.frame_count - 1),
+                                agent_pos=obs["agent_pos"].astype(np.float64),
+                                block_pose=obs["block_pose"].astype(np.float64))  # fmt: skip
+
     def __call__(self, obs) -> np.ndarray:
-        self.imagine.load_state(self.real.extract_state())
+        self.last_action = self._act(obs)
+        return self.last_action
+
+    def _act(self, obs) -> np.ndarray:
+        self._sync()
         action = self.agent.act()
         u = self.rng.random()
         if u < 0.05:  # a jump: where a sampling planner's worse candidates go
@@ -258,7 +287,8 @@ def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
             else None)  # fmt: skip
     obs, info = model.start(prompt, seed=seed, initial_state=init)
     if policy_id == 4:
-        policy = Planned(rng, model, cfg.planner_samples)
+        policy = Planned(rng, model, cfg.planner_samples, cfg.planner_model, prompt=prompt,
+                         seed=seed, initial_state=init)
     T = cfg.frames
     out = {
         "frames": np.zeros((T, cfg.frame_size, cfg.frame_size, 3), np.uint8),
