@@ -133,6 +133,10 @@ class MPCConfig:
     """MCTS with candidates=plan: candidate slots per node."""
     perturb_std: float = 0.3
     """MCTS with candidates=plan: std of the perturbations (half-widths of the box)."""
+    perturb_beta: float = 2.0
+    """MCTS with candidates=plan: colour of the perturbations along time (0 white, 2 red)."""
+    perturb_decay: float = 1.0
+    """MCTS with candidates=plan: the perturbation std at depth d is std * decay**d."""
     plan_horizon: int = 6
     """MCTS: the warm-start plan's length, and the horizon of rollouts and of held /
     absorbing values with discount 1."""
@@ -177,7 +181,8 @@ class MPCAgent:
                 [-1.0, -1.0], [1.0, 1.0], horizon=cfg.plan_horizon,
                 num_candidates=cfg.num_candidates, std=cfg.perturb_std, rng=rng,
                 proposer=proposer, num_proposed=cfg.proposals if proposer else 0,
-                plan_mass=cfg.plan_mass)  # fmt: skip
+                plan_mass=cfg.plan_mass, noise_beta=cfg.perturb_beta,
+                std_decay=cfg.perturb_decay)  # fmt: skip
             self.candidates = self.proposal
         elif cfg.candidates != "moves":
             raise ValueError(f"unknown candidates {cfg.candidates!r}: moves or plan")

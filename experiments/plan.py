@@ -92,6 +92,10 @@ class PlannerConfig:
     """MCTS with candidates=plan: candidate slots per node."""
     perturb_std: float = 0.3
     """MCTS with candidates=plan: perturbation std (half-widths of the box)."""
+    perturb_beta: float = 2.0
+    """MCTS with candidates=plan: colour of the perturbations along time (0 white, 2 red)."""
+    perturb_decay: float = 1.0
+    """MCTS with candidates=plan: the perturbation std at depth d is std * decay**d."""
     plan_horizon: int = 6
     """MCTS: warm-start plan length (and rollout / absorbing-value horizon)."""
     plan_mass: float = 0.3
@@ -116,6 +120,7 @@ class PlannerConfig:
             proposals=self.proposals, candidates=self.candidates,
             num_candidates=self.num_candidates, perturb_std=self.perturb_std,
             plan_horizon=self.plan_horizon, plan_mass=self.plan_mass,
+            perturb_beta=self.perturb_beta, perturb_decay=self.perturb_decay,
             widening_c=self.widening_c, widening_alpha=self.widening_alpha,
             leaf_value=self.leaf_value, select=self.select,
             cem=CEMConfig(**seq),

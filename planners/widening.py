@@ -5,7 +5,7 @@ children only (never fewer than one, never more than its ``A`` slots). It fits t
 mctx-style engine without changing it: every node still carries a fixed number ``A`` of
 candidate slots (drawn when the node is created, in the order they are to be unlocked),
 and the scorer masks the slots beyond ``k(N)`` out of selection with ``-inf``; the PUCT
-prior is renormalised over the unlocked slots. Since the engine rescores a node after
+prior is renormalised over the unlocked slots, and a newly unlocked slot is tried first. Since the engine rescores a node after
 every simulation through it, a node's width follows its visit count exactly.
 
 Drawing all ``A`` candidates up front rather than lazily costs only the proposal calls
@@ -56,7 +56,13 @@ class Widening:
 
 class WideningScorer:
     """Wraps a scorer (``scores(stats, mask, num_roots, sims_done) -> [A, M]``): slots at
-    or beyond ``k(N)`` get ``-inf``, and the prior of the unlocked ones is renormalised."""
+    or beyond ``k(N)`` get ``-inf``, and the prior of the unlocked ones is renormalised.
+
+    A slot just unlocked and not yet visited is selected first (highest prior first, then
+    lowest index), as in classic progressive widening, where widening *adds* a child and
+    evaluates it. Without this, mctx's qtransforms give an unvisited child the lowest
+    Q-value and the renormalised prior of each new child shrinks like ``1 / k(N)``, so for
+    ``alpha >= 0.5`` the exploration term never grows enough to try it."""
 
     def __init__(self, inner, widening: Widening):
         self.inner = inner
@@ -73,6 +79,8 @@ class WideningScorer:
         total = probs.sum(axis=0, keepdims=True)
         stats.prior_probs = (probs / np.maximum(total, np.finfo(_F32).tiny)).astype(_F32)
         out = self.inner.scores(stats, mask, num_roots, sims_done)
+        fresh = ~locked & ~stats.visited & np.isfinite(mask)  # unlocked, unvisited, valid
+        out = np.where(fresh, _F32(1e6) + stats.prior_probs, out)
         return np.where(locked, _F32(-np.inf), out)
 
 
