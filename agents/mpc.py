@@ -5,7 +5,9 @@ step with the real world: a learned model steps with the executed action and the
 the real frame and pusher position into its caches (``resync``); the simulator, being
 exact, simply loads the real state. Planning is CEM / MPPI (via
 :func:`planners.world.sequence_evaluator`) or MCTS (via :class:`planners.world.WorldSearch`)
-over relative moves of the pusher.
+over relative moves of the pusher, or -- ``candidates="plan"`` -- over perturbations of a
+receding-horizon plan, with progressive widening and rollout leaf values
+(``configs/planner/mcts_pw.yaml``).
 """
 
 from __future__ import annotations
@@ -126,9 +128,9 @@ class MPCConfig:
     the relative moves, or beside the plan and its perturbations; 0 = none)."""
     candidates: str = "moves"
     """MCTS candidates: moves (the relative moves, plus proposals) or plan (the
-    receding-horizon warm-start plan's step at the node's depth, the model's proposals
-    where the backend has them, and Gaussian perturbations of the plan's step;
-    planners/proposals.py)."""
+    receding-horizon warm-start plan -- the previous search's best sequence, shifted --
+    continued at each node, the model's proposals where the backend has them, and
+    coloured-noise perturbations of the node's sequence; planners/proposals.py)."""
     num_candidates: int = 16
     """MCTS with candidates=plan: candidate slots per node."""
     perturb_std: float = 0.3
@@ -194,6 +196,8 @@ class MPCAgent:
             raise ValueError("leaf_value=rollout rolls out the warm-start plan: candidates=plan")
         self.widening = (Widening(cfg.widening_c, cfg.widening_alpha)
                          if cfg.widening_c > 0 else None)  # fmt: skip
+        if self.widening is not None and cfg.planner != "mcts":
+            raise ValueError("progressive widening (widening_c > 0) is for planner=mcts")
         box = ([-1.0, -1.0], [1.0, 1.0])
         if cfg.planner == "cem":
             self.cem = CEMPlanner(*box, cfg.cem)

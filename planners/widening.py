@@ -5,8 +5,12 @@ children only (never fewer than one, never more than its ``A`` slots). It fits t
 mctx-style engine without changing it: every node still carries a fixed number ``A`` of
 candidate slots (drawn when the node is created, in the order they are to be unlocked),
 and the scorer masks the slots beyond ``k(N)`` out of selection with ``-inf``; the PUCT
-prior is renormalised over the unlocked slots, and a newly unlocked slot is tried first. Since the engine rescores a node after
-every simulation through it, a node's width follows its visit count exactly.
+prior is renormalised over the unlocked slots, and a newly unlocked slot is tried first.
+Since the engine rescores a node after every simulation through it, a node's width
+follows its visit count exactly.
+
+The candidates are drawn up front, not lazily at the moment of widening: the draws are
+independent of the search statistics, so this gives the same distribution of trees.
 
 Drawing all ``A`` candidates up front rather than lazily costs only the proposal calls
 (no model steps: a candidate is stepped only when selected), and it keeps the search

@@ -65,7 +65,8 @@ def test_scorer_masks_locked_children_and_renormalises_the_prior():
     m = len(visits)
     z = np.zeros((a, m), np.float32)
     ones = np.ones((a, m), np.float32)  # every child visited once
-    stats = NodeStats(ones, z, np.full((a, m), 1 / a, np.float32), z, visits, visits * 0, visits * 0)
+    prior = np.full((a, m), 1 / a, np.float32)
+    stats = NodeStats(ones, z, prior, z, visits, visits * 0, visits * 0)
     out = WideningScorer(Flat(), Widening(1.0, 0.5)).scores(stats, z, 1, 0)
     for col, k in enumerate([1, 2, 3, 6]):
         assert np.isfinite(out[:k, col]).all() and np.isneginf(out[k:, col]).all()
@@ -209,7 +210,8 @@ def test_mcts_pw_on_pusht_sim_budget_and_determinism():
             before = sim.extract_state()
             a = agent.act()
             after = sim.extract_state()
-            np.testing.assert_array_equal(before.tensors["physics/bodies"], after.tensors["physics/bodies"])
+            np.testing.assert_array_equal(before.tensors["physics/bodies"],
+                                          after.tensors["physics/bodies"])
             actions.append(a)
             stats.append(dict(agent.stats))
             sim.step(a)
