@@ -5,7 +5,9 @@ step with the real world: a learned model steps with the executed action and the
 the real frame and pusher position into its caches (``resync``); the simulator, being
 exact, simply loads the real state. Planning is CEM / MPPI (via
 :func:`planners.world.sequence_evaluator`) or MCTS (via :class:`planners.world.WorldSearch`)
-over relative moves of the pusher.
+over relative moves of the pusher, or -- ``candidates="plan"`` -- over perturbations of a
+receding-horizon plan, with progressive widening and rollout leaf values
+(``configs/planner/mcts_pw.yaml``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from arcfab_gym.tasks import pusht
 from planners.cem import CEMConfig, CEMPlanner
 from planners.icem import ICEMConfig, ICEMPlanner, MPPIConfig, MPPIPlanner
 from planners.mcts import gumbel_muzero_policy, muzero_policy
+from planners.proposals import PlanProposal
+from planners.widening import Widening
 from planners.world import GoalObjective, WorldSearch, reward_objective, sequence_evaluator
 
 
@@ -121,7 +125,39 @@ class MPCConfig:
     """Largest relative move per step (px)."""
     proposals: int = 0
     """MCTS: candidate actions per node drawn from the model's action proposals (beside
-    the relative moves; 0 = the relative moves alone)."""
+    the relative moves, or beside the plan and its perturbations; 0 = none)."""
+    candidates: str = "moves"
+    """MCTS candidates: moves (the relative moves, plus proposals) or plan (the
+    receding-horizon warm-start plan -- the previous search's best sequence, shifted --
+    continued at each node, the model's proposals where the backend has them, and
+    coloured-noise perturbations of the node's sequence; planners/proposals.py)."""
+    num_candidates: int = 16
+    """MCTS with candidates=plan: candidate slots per node."""
+    perturb_std: float = 0.3
+    """MCTS with candidates=plan: std of the perturbations (half-widths of the box)."""
+    perturb_beta: float = 2.0
+    """MCTS with candidates=plan: colour of the perturbations along time (0 white, 2 red)."""
+    perturb_decay: float = 1.0
+    """MCTS with candidates=plan: the perturbation std at depth d is std * decay**d."""
+    plan_horizon: int = 6
+    """MCTS: the warm-start plan's length, and the horizon of rollouts and of held /
+    absorbing values with discount 1."""
+    plan_mass: float = 0.3
+    """MCTS with candidates=plan: prior mass of the plan's step."""
+    widening_c: float = 0.0
+    """MCTS progressive widening: ceil(c * N**alpha) selectable children at a node of N
+    visits (0 = off: every candidate selectable, the mctx search)."""
+    widening_alpha: float = 0.5
+    """MCTS progressive widening exponent."""
+    select: str = "visits"
+    """MCTS: the action executed: visits (the most visited root child, mctx's greedy
+    act) or best (the first step of the best sequence seen in the search -- path to a
+    leaf, then its rollout -- as iCEM executes its best sample; for deterministic
+    models such as the simulator)."""
+    leaf_value: str = "hold"
+    """MCTS leaf value: hold (the leaf's objective held to the horizon, r / (1 - discount))
+    or rollout (the warm-start plan's remaining steps from the leaf, candidates=plan only;
+    its model steps count in model_steps)."""
 
 
 class MPCAgent:
@@ -136,6 +172,32 @@ class MPCAgent:
         # see two stores' checkpoint ids (each store counts from 1).
         self.tree = tree if tree is not None else TrajectoryTree(store=StateManager(model))
         self.candidates = proposal_moves(model, cfg.proposals, rng, step_px=cfg.step_px)
+        self.proposal: PlanProposal | None = None
+        if cfg.candidates == "plan":
+            propose = getattr(model, "propose_actions", None)
+            proposer = (None if propose is None or cfg.proposals < 1
+                        else (lambda n: propose(n, rng)))  # fmt: skip
+            # Without a proposal head (pusht-sim) the candidates are the plan's step and
+            # its perturbations alone: the documented fallback.
+            self.proposal = PlanProposal(
+                [-1.0, -1.0], [1.0, 1.0], horizon=cfg.plan_horizon,
+                num_candidates=cfg.num_candidates, std=cfg.perturb_std, rng=rng,
+                proposer=proposer, num_proposed=cfg.proposals if proposer else 0,
+                plan_mass=cfg.plan_mass, noise_beta=cfg.perturb_beta,
+                std_decay=cfg.perturb_decay)  # fmt: skip
+            self.candidates = self.proposal
+        elif cfg.candidates != "moves":
+            raise ValueError(f"unknown candidates {cfg.candidates!r}: moves or plan")
+        if cfg.select not in ("visits", "best"):
+            raise ValueError(f"unknown select {cfg.select!r}: visits or best")
+        if cfg.leaf_value not in ("hold", "rollout"):
+            raise ValueError(f"unknown leaf_value {cfg.leaf_value!r}: hold or rollout")
+        if cfg.leaf_value == "rollout" and self.proposal is None:
+            raise ValueError("leaf_value=rollout rolls out the warm-start plan: candidates=plan")
+        self.widening = (Widening(cfg.widening_c, cfg.widening_alpha)
+                         if cfg.widening_c > 0 else None)  # fmt: skip
+        if self.widening is not None and cfg.planner != "mcts":
+            raise ValueError("progressive widening (widening_c > 0) is for planner=mcts")
         box = ([-1.0, -1.0], [1.0, 1.0])
         if cfg.planner == "cem":
             self.cem = CEMPlanner(*box, cfg.cem)
@@ -170,6 +232,8 @@ class MPCAgent:
     def reset(self) -> None:
         if hasattr(self, "cem"):
             self.cem.reset()
+        if self.proposal is not None:
+            self.proposal.reset()
 
     # --- acting ----------------------------------------------------------------------------
     def act(self) -> np.ndarray:
@@ -204,12 +268,18 @@ class MPCAgent:
         return action
 
     def _search(self, root) -> np.ndarray:
+        rollout = self.proposal.rollout if self.cfg.leaf_value == "rollout" else None
         search = WorldSearch(self.model, self.candidates, objective=self.objective,
                              discount=self.cfg.discount, tree=self.tree,
-                             store=getattr(self.tree, "store", None))
+                             store=getattr(self.tree, "store", None), rollout=rollout,
+                             horizon=max(self.cfg.plan_horizon, self.cfg.max_depth),
+                             # Frames are needed only by proposals or an embedding goal.
+                             render=(self.cfg.proposals > 0
+                                     or getattr(self.objective, "reads_frames", False)))
         root_out = search.root([root])
         policy = muzero_policy if self.cfg.planner == "mcts" else gumbel_muzero_policy
-        kwargs = {"dirichlet_fraction": 0.0, "temperature": 0.0} if policy is muzero_policy else {}
+        kwargs = ({"dirichlet_fraction": 0.0, "temperature": 0.0, "widening": self.widening}
+                  if policy is muzero_policy else {})  # fmt: skip
         out = policy(None, self.rng, root_out, search.recurrent_fn, self.cfg.num_simulations,
                      max_depth=self.cfg.max_depth, **kwargs)
         root_id = root_out.embedding[0]
@@ -221,10 +291,18 @@ class MPCAgent:
         depth = _max_depth(out.search_tree)
         self.stats = {"root_visits": int(out.search_tree.node_visits[0, 0]),
                       "q_spread": float(q[visits > 0].max() - q[visits > 0].min()) if (visits > 0).any() else 0.0,
-                      "depth": depth, "model_steps": search.expansions,
+                      "depth": depth, "model_steps": search.model_steps,
+                      "rollout_steps": search.rollout_steps,
                       "root_value": float(out.search_tree.node_values[0, 0])}  # fmt: skip
         action = search.action_of(root_id, index)
         self.plan = np.stack([action] + _principal_variation(out.search_tree, search, index))
+        if self.cfg.select == "best":
+            best, best_return = search.best_sequence(root_id)
+            if len(best):
+                action, self.plan = best[0].copy(), best
+                self.stats["best_return"] = best_return
+        if self.proposal is not None:
+            self.proposal.update(self.plan)
         search.release()
         return action
 

@@ -86,6 +86,28 @@ class PlannerConfig:
     """CEM / iCEM / MPPI search space: absolute pusher targets or relative moves."""
     proposals: int = 0
     """MCTS: candidates per node from the model's action proposals (0: moves only)."""
+    candidates: str = "moves"
+    """MCTS candidates: moves (relative moves) or plan (warm-start plan + perturbations)."""
+    num_candidates: int = 16
+    """MCTS with candidates=plan: candidate slots per node."""
+    perturb_std: float = 0.3
+    """MCTS with candidates=plan: perturbation std (half-widths of the box)."""
+    perturb_beta: float = 2.0
+    """MCTS with candidates=plan: colour of the perturbations along time (0 white, 2 red)."""
+    perturb_decay: float = 1.0
+    """MCTS with candidates=plan: the perturbation std at depth d is std * decay**d."""
+    plan_horizon: int = 6
+    """MCTS: warm-start plan length (and rollout / absorbing-value horizon)."""
+    plan_mass: float = 0.3
+    """MCTS with candidates=plan: prior mass of the plan's step."""
+    widening_c: float = 0.0
+    """MCTS progressive widening ceil(c * N**alpha) (0: off)."""
+    widening_alpha: float = 0.5
+    """MCTS progressive widening exponent."""
+    select: str = "visits"
+    """MCTS action: visits (most visited root child) or best (best sequence seen)."""
+    leaf_value: str = "hold"
+    """MCTS leaf value: hold (r / (1 - discount)) or rollout (the plan's tail)."""
 
     def mpc(self, *, objective: str, record_tree: bool = True) -> MPCConfig:
         """The MPC agent's configuration for this planner."""
@@ -95,7 +117,12 @@ class PlannerConfig:
             planner=self.planner, num_simulations=self.num_simulations,
             max_depth=self.max_depth, discount=self.discount, step_px=self.step_px,
             objective=objective, record_tree=record_tree, actions=self.actions,
-            proposals=self.proposals,
+            proposals=self.proposals, candidates=self.candidates,
+            num_candidates=self.num_candidates, perturb_std=self.perturb_std,
+            plan_horizon=self.plan_horizon, plan_mass=self.plan_mass,
+            perturb_beta=self.perturb_beta, perturb_decay=self.perturb_decay,
+            widening_c=self.widening_c, widening_alpha=self.widening_alpha,
+            leaf_value=self.leaf_value, select=self.select,
             cem=CEMConfig(**seq),
             icem=ICEMConfig(**seq, noise_beta=self.noise_beta, keep_elites=self.keep_elites,
                             sample_decay=self.sample_decay),

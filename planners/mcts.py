@@ -27,6 +27,7 @@ from planners._search import (
     considered_visit_table,
     mask_invalid,
 )
+from planners.widening import Widening, WideningScorer
 from planners._tree import GumbelMuZeroExtraData, SearchSummary, Tree, get_subtree
 from planners.qtransforms import (
     qtransform_by_min_max,
@@ -108,6 +109,7 @@ def muzero_policy(
     pb_c_base: float = 19652,
     temperature: float = 1.0,
     root_tree: Tree | None = None,
+    widening: Widening | None = None,
 ) -> PolicyOutput[None]:
     """Run MuZero search (PUCT) and sample an action from the root's visit counts.
 
@@ -141,6 +143,10 @@ def muzero_policy(
         action)``): its statistics are kept and ``num_simulations`` more are added. The
         root's prior, raw value and embedding are replaced by ``root``'s when given; the
         root invalid mask is ``invalid_actions`` when given, else the stored one.
+      widening: progressive widening (:class:`planners.widening.Widening`): a node
+        visited ``N`` times selects only among its first ``ceil(c * N**alpha)`` actions
+        (the order of the actions is the order they unlock in). None (default): all
+        actions, the mctx search.
 
     Returns:
       ``PolicyOutput`` with ``action`` [B], ``action_weights`` [B, A] (the root's visit
@@ -169,6 +175,8 @@ def muzero_policy(
         root_tree=root_tree,
     )
     scorer = MuZeroScorer(qtransform, pb_c_init, pb_c_base, rng)
+    if widening is not None:
+        scorer = WideningScorer(scorer, widening)
     engine.simulate(params, rng, recurrent_fn, scorer)
     tree = engine.to_tree(extra_data=None)
     action_weights = tree.summary().visit_probs

@@ -16,6 +16,7 @@ style). Nothing here knows which task the backend simulates.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,6 +68,51 @@ def absorbing_weight(discount: float, step: int, horizon: int) -> float:
     return float(horizon - step)
 
 
+def absorbing_value(reward: float, discount: float, step: int, horizon: int | None) -> float:
+    """The one rule for an absorbing state entered with ``reward`` at ``step`` (0-based,
+    counted from where the value is taken): the reward held at that step and every one
+    after, i.e. ``reward * absorbing_weight(discount, 0, horizon - step)`` -- forever
+    (``reward / (1 - discount)``) for ``discount < 1``, to the end of ``horizon`` for
+    ``discount = 1`` (which then needs a horizon)."""
+    if discount >= 1.0 and horizon is None:
+        raise ValueError("discount = 1 needs a horizon for absorbing (held) values")
+    return float(reward) * absorbing_weight(discount, 0, max(0, (horizon or 0) - step))
+
+
+def rollout_returns(
+    model: WorldModel,
+    states: Sequence[ModelState],
+    seqs: np.ndarray,
+    *,
+    objective: Objective = reward_objective,
+    discount: float = 1.0,
+    action_map: ActionMap | None = None,
+    observations: Sequence[dict[str, np.ndarray] | None] | None = None,
+    render: bool = True,
+) -> tuple[np.ndarray, list[StepOutput]]:
+    """Discounted returns of ``N`` action sequences ``seqs [N, H, A]``, sequence ``i``
+    stepped from ``states[i]`` (batched, ``H`` model calls); a terminal step is absorbing
+    (:func:`absorbing_weight`). ``render=False``: the objective reads no frames (see
+    :meth:`WorldModel.step_batch`). Returns ``(returns [N], last step outputs)``."""
+    seqs = np.asarray(seqs, dtype=np.float32)
+    n, horizon = seqs.shape[:2]
+    states = list(states)
+    returns = np.zeros(n)
+    alive = np.ones(n, dtype=bool)
+    outs: list[StepOutput] = []
+    obs = list(observations) if observations is not None else [None] * n
+    for h in range(horizon):
+        actions = seqs[:, h] if action_map is None else action_map(obs, seqs[:, h])
+        states, outs = model.step_batch(states, actions, render=render)
+        obs = [o.observation for o in outs]
+        values = np.array([objective(model, o, s) for o, s in zip(outs, states)])
+        ended = alive & np.array([o.terminated for o in outs])
+        returns += (alive & ~ended) * discount**h * values
+        returns += ended * values * absorbing_weight(discount, h, horizon)
+        alive &= ~ended
+    return returns, outs
+
+
 def sequence_evaluator(
     model: WorldModel,
     root: ModelState,
@@ -97,21 +143,10 @@ def sequence_evaluator(
 
     def evaluate(seqs: np.ndarray) -> np.ndarray:
         seqs = np.asarray(seqs, dtype=np.float32)
-        n, horizon = seqs.shape[:2]
-        states = [root] * n
-        returns = np.zeros(n)
-        alive = np.ones(n, dtype=bool)
-        outs: list[StepOutput] = []
-        obs = [root_observation] * n
-        for h in range(horizon):
-            actions = seqs[:, h] if action_map is None else action_map(obs, seqs[:, h])
-            states, outs = model.step_batch(states, actions, render=render)
-            obs = [o.observation for o in outs]
-            values = np.array([objective(model, o, s) for o, s in zip(outs, states)])
-            ended = alive & np.array([o.terminated for o in outs])
-            returns += (alive & ~ended) * discount**h * values
-            returns += ended * values * absorbing_weight(discount, h, horizon)
-            alive &= ~ended
+        returns, outs = rollout_returns(model, [root] * len(seqs), seqs, objective=objective,
+                                        discount=discount, action_map=action_map,
+                                        observations=[root_observation] * len(seqs),
+                                        render=render)
         if on_rollout is not None:
             on_rollout(seqs, outs)
         return returns
@@ -128,42 +163,83 @@ class WorldSearch:
             set at a node (e.g. moves relative to the agent, or the model's proposals), or
             ``-> (actions [A, action_dim], prior_logits [A])`` to give MCTS a prior over
             them. It is called with the node's state loaded in ``model``, so it may ask
-            the model for its own action proposals there.
+            the model for its own action proposals there. If it takes ``depth`` and / or
+            ``action`` keywords it also gets the node's depth below the root (0 at the
+            root) and the action into it (None at the root), e.g. to centre the
+            candidates on step ``d`` of a warm-start plan
+            (:class:`planners.proposals.PlanProposal`).
         store, tree: where expanded nodes go (new ones by default).
         objective: reward of a transition (default: the backend's reward).
         value_fn: value estimate of a new leaf, ``value_fn(model, out, state)``; default
-            ``objective / (1 - discount)`` -- as if the reward held forever, a cheap
-            optimistic estimate for dense rewards.
+            the "hold" value: the leaf's reward held from there on,
+            ``absorbing_value(r, discount, depth, horizon)`` (``r / (1 - discount)`` for
+            ``discount < 1``) -- a cheap optimistic estimate for dense rewards.
+        rollout: leaf value by a rollout instead: ``rollout(depth) -> actions [L, A]``
+            (or ``rollout(depth, action)``, with the action into the leaf), stepped from
+            the new leaf (at ``depth``) under ``objective`` with ``discount``;
+            the value is its return (a terminal step is absorbing, as everywhere). Its
+            model steps count in :attr:`model_steps`. Overrides ``value_fn``.
         discount: MCTS discount.
+        horizon: steps from the root to the end of the planning horizon; needed with
+            ``discount = 1``, where an absorbing (terminal) or held value counts to the
+            horizon (``absorbing_value``, the sequence evaluators' rule).
         session_id: the tree's session label for search nodes.
+        render: False when neither ``candidates`` nor the objectives read a node's frame
+            or proposals (see :meth:`WorldModel.step_batch`): the backend may then leave
+            the nodes' video to be rendered when someone looks at it.
     """
 
     def __init__(
         self,
         model: WorldModel,
-        candidates: Callable[[dict[str, np.ndarray]], np.ndarray],
+        candidates: Callable[..., Any],
         *,
         store: StateManager | None = None,
         tree: TrajectoryTree | None = None,
         objective: Objective = reward_objective,
         value_fn: Objective | None = None,
+        rollout: Callable[[int], np.ndarray] | None = None,
         discount: float = 0.95,
+        horizon: int | None = None,
         session_id: str = "search",
+        render: bool = True,
     ):
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount must be in [0, 1], got {discount}")
+        if discount >= 1.0 and horizon is None:
+            raise ValueError("discount = 1 needs a horizon (absorbing values count to it)")
         self.model = model
         self.candidates = candidates
+        self._cand_kw = _keywords(candidates, ("depth", "action"))
         self.store = store if store is not None else StateManager(model)
         self.tree = tree if tree is not None else TrajectoryTree(store=self.store)
         self.objective = objective
         self.value_fn = value_fn
+        self.rollout = rollout
+        self._rollout_kw = _keywords(rollout, ("action",)) if rollout is not None else {}
         self.discount = float(discount)
+        self.horizon = horizon
         self.session_id = session_id
+        self.render = bool(render)
         self._actions: dict[str, np.ndarray] = {}  # checkpoint id -> [A, action_dim]
         self._logits: dict[str, np.ndarray] = {}  # checkpoint id -> [A] prior logits
+        self._depth: dict[str, int] = {}  # checkpoint id -> depth below the root
+        # For the best sequence seen: per node its parent, the action into it, its root,
+        # the discounted return from the root to it; per leaf the rollout behind its value.
+        self._parent: dict[str, str | None] = {}
+        self._edge: dict[str, np.ndarray] = {}
+        self._root_of: dict[str, str] = {}
+        self._acc: dict[str, float] = {}
+        self._tail: dict[str, np.ndarray] = {}
+        self._best: dict[str, tuple[float, str]] = {}  # root id -> (return, leaf id)
         self._owned: list[str] = []
         self.expansions = 0
+        self.rollout_steps = 0
+
+    @property
+    def model_steps(self) -> int:
+        """Model steps taken so far: expansions plus leaf rollouts."""
+        return self.expansions + self.rollout_steps
 
     # --- mctx plumbing --------------------------------------------------------------------
     def root(
@@ -174,7 +250,10 @@ class WorldSearch:
         ids = []
         for b, state in enumerate(states):
             parent = None if parent_ids is None else parent_ids[b]
-            ids.append(self._put(state, parent, kind="search-root", action=None, reward=None))
+            cid = self._put(state, parent, 0, None, kind="search-root", action=None,
+                            reward=None)  # fmt: skip
+            self._parent[cid], self._root_of[cid], self._acc[cid] = None, cid, 0.0
+            ids.append(cid)
         return RootFnOutput(
             prior_logits=np.stack([self._logits[cid] for cid in ids]),
             value=np.zeros(len(ids), dtype=np.float32),
@@ -187,19 +266,37 @@ class WorldSearch:
         action = np.asarray(action)
         continuous = np.stack([self._actions[cid][int(a)] for cid, a in zip(ids, action)])
         states = [self.store.get_snapshot(cid).model_state for cid in ids]
-        next_states, outs = self.model.step_batch(states, continuous)
+        next_states, outs = self.model.step_batch(states, continuous, render=self.render)
         self.expansions += len(ids)
         rewards, values, discounts, new_ids = [], [], [], []
         for cid, act, state, out in zip(ids, continuous, next_states, outs):
             r = self.objective(self.model, out, state)
-            v = (self.value_fn(self.model, out, state) if self.value_fn is not None
-                 else r / max(1e-6, 1.0 - self.discount))  # fmt: skip
-            new_ids.append(self._put(state, cid, kind="search", action=act.tolist(), reward=r))
-            # A terminal state is absorbing: its reward holds forever (see
-            # absorbing_weight), so that reaching the goal beats hovering next to it.
-            rewards.append(r / max(1e-6, 1.0 - self.discount) if out.terminated else r)
-            values.append(0.0 if out.terminated else v)
-            discounts.append(0.0 if out.terminated else self.discount)
+            depth = self._depth[cid] + 1  # of the new node; the edge is step depth - 1
+            nid = self._put(state, cid, depth, act, kind="search", action=act.tolist(),
+                            reward=r)  # fmt: skip
+            new_ids.append(nid)
+            self._parent[nid], self._edge[nid], self._root_of[nid] = cid, act, self._root_of[cid]
+            if out.terminated:
+                # Absorbing: the reward held from this step to the end (one rule with the
+                # sequence evaluators: absorbing_value / absorbing_weight), so that
+                # reaching the goal beats hovering next to it.
+                r_edge, v, g = absorbing_value(r, self.discount, depth - 1, self.horizon), 0.0, 0.0
+            else:
+                if self.rollout is not None:
+                    v = self._rollout_value(nid, state, out, depth)
+                elif self.value_fn is not None:
+                    v = self.value_fn(self.model, out, state)
+                else:
+                    v = absorbing_value(r, self.discount, depth, self.horizon)
+                r_edge, g = r, self.discount
+            rewards.append(r_edge)
+            values.append(v)
+            discounts.append(g)
+            self._acc[nid] = self._acc[cid] + self.discount ** (depth - 1) * r_edge
+            total = self._acc[nid] + g * self.discount ** (depth - 1) * v
+            root_id = self._root_of[nid]
+            if root_id not in self._best or total > self._best[root_id][0]:
+                self._best[root_id] = (float(total), nid)
         return (
             RecurrentFnOutput(
                 reward=np.asarray(rewards, dtype=np.float32),
@@ -209,6 +306,36 @@ class WorldSearch:
             ),
             np.array(new_ids, dtype=object),
         )
+
+    def best_sequence(self, root_id: str) -> tuple[np.ndarray, float]:
+        """The best action sequence seen from ``root_id`` and its return: the actions
+        down to the leaf whose path return plus value was highest, then (with
+        ``rollout``) the rollout behind that leaf's value -- what iCEM executes, its best
+        sequence seen. ``(empty [0, A], -inf)`` before any expansion."""
+        if root_id not in self._best:
+            return np.zeros((0, 0), dtype=np.float32), -np.inf
+        ret, node = self._best[root_id]
+        tail = self._tail.get(node)
+        actions = []
+        while self._parent.get(node) is not None:
+            actions.append(self._edge[node])
+            node = self._parent[node]
+        seq = np.stack(actions[::-1]).astype(np.float32)
+        if tail is not None and len(tail):
+            seq = np.concatenate([seq, tail.astype(np.float32)])
+        return seq, ret
+
+    def _rollout_value(self, cid: str, state: ModelState, out: StepOutput, depth: int) -> float:
+        kw = {"action": self._edge[cid]} if "action" in self._rollout_kw else {}
+        seq = np.asarray(self.rollout(depth, **kw), dtype=np.float32)
+        if seq.ndim != 2 or len(seq) == 0:
+            return 0.0
+        self._tail[cid] = seq
+        returns, _ = rollout_returns(self.model, [state], seq[None], objective=self.objective,
+                                     discount=self.discount, render=self.render,
+                                     observations=[out.observation])  # fmt: skip
+        self.rollout_steps += len(seq)
+        return float(returns[0])
 
     # --- after a search ---------------------------------------------------------------------
     def action_of(self, embedding_id: str, index: int) -> np.ndarray:
@@ -243,7 +370,8 @@ class WorldSearch:
         self._owned.clear()
 
     # --- internals ----------------------------------------------------------------------------
-    def _put(self, state: ModelState, parent: str | None, **meta: Any) -> str:
+    def _put(self, state: ModelState, parent: str | None, depth: int,
+             into: np.ndarray | None, **meta: Any) -> str:
         model = self.model
         model.load_state(state)  # to read the node's frame index and observation
         snap = WorldStateSnapshot(
@@ -253,7 +381,10 @@ class WorldSearch:
         )  # fmt: skip
         cid = self.store.put(snap)
         self._owned.append(cid)
-        cands = self.candidates(model.observe())
+        self._depth[cid] = depth
+        obs = model.observe()
+        kw = {"depth": depth, "action": into}
+        cands = self.candidates(obs, **{k: kw[k] for k in self._cand_kw})
         actions, logits = cands if isinstance(cands, tuple) else (cands, None)
         self._actions[cid] = np.asarray(actions, dtype=np.float32)
         self._logits[cid] = (np.zeros(len(actions), dtype=np.float32) if logits is None
@@ -265,3 +396,14 @@ class WorldSearch:
                            parent_id=parent if parent in self.tree else None, **meta)
         return cid
 
+
+
+def _keywords(fn: Callable[..., Any], names: Sequence[str]) -> tuple[str, ...]:
+    """Which of ``names`` ``fn`` accepts as keywords."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return tuple(names)
+    return tuple(n for n in names if n in params)
