@@ -30,12 +30,14 @@ def test_config_groups_compose_into_a_structured_config():
     assert cfg.backend.name == "pusht-sim" and cfg.planner.planner == "cem"
     assert cfg.experiment.episodes == 50 and cfg.experiment.max_steps == 75
     default = compose_plan()
-    # make plan: iCEM 16x6x2 on the pose objective inside mini-dreamzero, 2 x 40 actions.
+    # make plan: iCEM 64x8x3 on the pose objective inside mini-dreamzero, 2 x 75 actions.
     assert default.backend.name == "mini-dreamzero" and default.planner.planner == "icem"
-    assert (default.planner.num_samples, default.planner.horizon, default.planner.iterations) == (16, 6, 2)
-    assert default.objective == "pose" and default.experiment.max_steps == 40
+    assert (default.planner.num_samples, default.planner.horizon, default.planner.iterations) == (64, 8, 3)
+    assert default.objective == "pose" and default.experiment.max_steps == 75
     mpc = default.planner.mpc(objective=default.objective)
-    assert mpc.icem.num_samples == 16 and mpc.icem.noise_beta == 2.0
+    assert mpc.icem.num_samples == 64 and mpc.icem.noise_beta == 2.0
+    # planner=icem keeps the smaller budget of the README's tables.
+    assert compose_plan("planner=icem").planner.num_samples == 16
 
 
 def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
