@@ -19,6 +19,7 @@ config from the dataclasses' real annotations.)
 """
 
 
+import dataclasses
 import json
 import statistics
 import time
@@ -113,16 +114,11 @@ class PlannerConfig:
         """The MPC agent's configuration for this planner."""
         seq = dict(horizon=self.horizon, num_samples=self.num_samples,
                    num_elites=self.num_elites, iterations=self.iterations)
+        # Every field the agent's configuration shares with this one passes through.
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(MPCConfig)
+                  if hasattr(self, f.name) and f.name not in ("cem", "icem", "mppi")}
         return MPCConfig(
-            planner=self.planner, num_simulations=self.num_simulations,
-            max_depth=self.max_depth, discount=self.discount, step_px=self.step_px,
-            objective=objective, record_tree=record_tree, actions=self.actions,
-            proposals=self.proposals, candidates=self.candidates,
-            num_candidates=self.num_candidates, perturb_std=self.perturb_std,
-            plan_horizon=self.plan_horizon, plan_mass=self.plan_mass,
-            perturb_beta=self.perturb_beta, perturb_decay=self.perturb_decay,
-            widening_c=self.widening_c, widening_alpha=self.widening_alpha,
-            leaf_value=self.leaf_value, select=self.select,
+            **shared, objective=objective, record_tree=record_tree,
             cem=CEMConfig(**seq),
             icem=ICEMConfig(**seq, noise_beta=self.noise_beta, keep_elites=self.keep_elites,
                             sample_decay=self.sample_decay),
