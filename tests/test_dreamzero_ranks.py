@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
+def _run_two_ranks(out: Path) -> list[tuple[int, str]]:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(port), str(out)],
@@ -47,8 +46,20 @@ def two_ranks(tmp_path_factory):
             for q in procs:
                 q.kill()
             pytest.fail("the two-rank worker timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    return [(p.returncode, log) for p, log in zip(procs, logs)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    results = _run_two_ranks(out)
+    if any(code < 0 for code, _ in results):
+        # Killed by a signal: once, on a loaded CI machine, gloo aborted in its C++
+        # teardown after the work was done. Run the pair again once, and say so.
+        warnings.warn(f"a rank died by signal {min(c for c, _ in results)}; ran both again")
+        results = _run_two_ranks(out)
+    for code, log in results:
+        assert code == 0, log[-3000:]
     return out, json.loads((out / "rank0.json").read_text())
 
 
