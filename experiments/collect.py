@@ -195,12 +195,12 @@ class Planned:
         self.rng, self.real = rng, real
         if model_dir is None:
             self.imagine = real.spawn()
+            self.imagine.load_state(real.extract_state())
         else:
             from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero
 
             self.imagine = MiniDreamZero(weights_dir=model_dir)
             self.imagine.start(prompt, seed, initial_state)
-        self.learned = model_dir is not None
         self.last_action: np.ndarray | None = None
         cfg = MPCConfig(planner="icem", objective="pose", record_tree=False,
                         icem=ICEMConfig(horizon=6, num_samples=samples, num_elites=4,
@@ -209,22 +209,15 @@ class Planned:
         self.explore = float(rng.uniform(0.2, 0.6))
         self.noise_px = float(rng.uniform(4.0, 30.0))
 
-    def _sync(self) -> None:
-        if not self.learned:
-            self.imagine.load_state(self.real.extract_state())
-        elif self.last_action is not None:  # step with what was executed, then resync
-            self.imagine.step(self.last_action)
-            obs = self.real.observe()
-            self.imagine.resync(frame=self.real.decode_frame(self.real.frame_count - 1),
-                                agent_pos=obs["agent_pos"].astype(np.float64),
-                                block_pose=obs["block_pose"].astype(np.float64))  # fmt: skip
-
     def __call__(self, obs) -> np.ndarray:
         self.last_action = self._act(obs)
         return self.last_action
 
     def _act(self, obs) -> np.ndarray:
-        self._sync()
+        from experiments.plan import sync
+
+        if self.last_action is not None:  # what was executed, and what really happened
+            sync(self.imagine, self.real, self.last_action)
         action = self.agent.act()
         u = self.rng.random()
         if u < 0.05:  # a jump: where a sampling planner's worse candidates go
@@ -267,18 +260,21 @@ def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     prompt_id = int(rng.integers(len(pusht.PROMPTS)))
     near_goal = bool(rng.random() < cfg.near_goal_fraction)
-    u = rng.random()
-    if u < cfg.random_policy_fraction:
-        policy_id, policy = 1, SmoothRandom(rng)
-    elif u < cfg.random_policy_fraction + cfg.poke_policy_fraction:
-        policy_id, policy = 2, Poke(rng)
-    elif u < cfg.random_policy_fraction + cfg.poke_policy_fraction + cfg.jump_policy_fraction:
-        policy_id, policy = 3, Jumps(rng)
-    elif u < (cfg.random_policy_fraction + cfg.poke_policy_fraction + cfg.jump_policy_fraction
-              + cfg.planner_policy_fraction):
-        policy_id, policy = 4, None  # made below, once the simulator exists
+    # The policy: the first share (in this order) whose cumulative fraction exceeds u;
+    # past them all, the scripted pusher.
+    shares = np.cumsum([cfg.random_policy_fraction, cfg.poke_policy_fraction,
+                        cfg.jump_policy_fraction, cfg.planner_policy_fraction])  # fmt: skip
+    policy_id = (1, 2, 3, 4, 0)[int(np.searchsorted(shares, rng.random(), side="right"))]
+    if policy_id == 1:
+        policy = SmoothRandom(rng)
+    elif policy_id == 2:
+        policy = Poke(rng)
+    elif policy_id == 3:
+        policy = Jumps(rng)
+    elif policy_id == 4:
+        policy = None  # made below, once the simulator exists
     else:
-        policy_id, policy = 0, ScriptedPusher(
+        policy = ScriptedPusher(
             rng, noise_px=float(rng.uniform(2, 15)), waypoint_prob=float(rng.uniform(0.0, 0.06))
         )
     model = PushTSim(frame_size=cfg.frame_size, action_repeat=cfg.action_repeat)
