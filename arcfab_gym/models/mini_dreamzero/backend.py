@@ -322,11 +322,11 @@ class MiniDreamZero(WorldModel):
         with torch.no_grad():
             for w in worlds:
                 while w.rendered < w.n:
+                    # The inputs frame f was stepped with: the states before it, the
+                    # action into it, and its own (predicted) state.
                     f = w.rendered
-                    now = torch.from_numpy(w.task[f - 1 : f].copy())
-                    prev = torch.from_numpy(w.task[max(f - 2, 0) : max(f - 2, 0) + 1].copy())
-                    act = torch.from_numpy(w.acts[f : f + 1].copy())
-                    nxt = torch.from_numpy(w.task[f : f + 1].copy())
+                    now, prev, nxt = torch.from_numpy(w.task[[f - 1, max(f - 2, 0), f]])[:, None]
+                    act = torch.from_numpy(w.acts[[f]])
                     self._write_video([w], self._generate([w], act, now, prev, nxt), nxt.numpy())
 
     def _generate(self, worlds: list[_World], actions: torch.Tensor, now: torch.Tensor,
