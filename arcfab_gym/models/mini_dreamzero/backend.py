@@ -38,7 +38,6 @@ proposals; coverage as a diagnostic).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
