@@ -3,6 +3,7 @@
 
     python -m experiments.train_world_model stage=vae minutes=15
     python -m experiments.train_world_model stage=state minutes=10
+    python -m experiments.train_world_model stage=renderer minutes=5
     python -m experiments.train_world_model stage=dynamics minutes=55
     python -m experiments.train_world_model stage=all tiny=true      # seconds, for CI
 
@@ -34,8 +35,10 @@ from tqdm import tqdm
 
 from arcfab_gym.models.mini_dreamzero.network import (
     DynamicsConfig,
+    RendererConfig,
     StateDynamics,
     StateDynamicsConfig,
+    StateRenderer,
     WorldTransformer,
 )
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig, frames_to_tensor, psnr
@@ -46,7 +49,7 @@ class TrainConfig:
     """Arguments of world-model training."""
 
     stage: str = "all"
-    """vae, state, dynamics, or all (the three in that order)."""
+    """vae, state, renderer, dynamics, or all (the four in that order)."""
     train_data: Any = "data/pusht_train.npz"
     """Episodes from experiments.collect: one .npz, or a list of them (concatenated)."""
     test_data: str = "data/pusht_test.npz"
@@ -85,6 +88,12 @@ class TrainConfig:
     """Flow target: the change from the previous latent (True) or the next latent itself."""
     state_map: bool = True
     """Condition every frame's tokens on a picture of its task state (the state token)."""
+    anchor: str = "render"
+    """What the residual flow's change is measured from: ``render`` (the latent the
+    renderer draws from the frame's state: needs stage=renderer first) or ``previous``
+    (the previous latent)."""
+    renderer_width: int = 64
+    """Channels of the state renderer (stage=renderer)."""
     state_horizon: int = 8
     """Frames the state dynamics is unrolled over in training (its own predictions fed back)."""
     state_batch: int = 512
@@ -289,6 +298,109 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
     return model
 
 
+def _load_vae(out_dir: Path) -> FrameVAE:
+    meta = json.loads((out_dir / "config.json").read_text())
+    vae = FrameVAE(VAEConfig(**meta["vae"]))
+    vae.load_state_dict(load_file(str(out_dir / "vae.safetensors")))
+    return vae.eval()
+
+
+def _load_renderer(out_dir: Path) -> StateRenderer:
+    meta = json.loads((out_dir / "config.json").read_text())
+    if "renderer" not in meta or not (out_dir / "renderer.safetensors").exists():
+        raise FileNotFoundError(f"no state renderer in {out_dir}: run stage=renderer first "
+                                "(or pass anchor=previous)")
+    renderer = StateRenderer(RendererConfig(**meta["renderer"]))
+    renderer.load_state_dict(load_file(str(out_dir / "renderer.safetensors")))
+    return renderer.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _renderer_metrics(renderer: StateRenderer, vae: FrameVAE, data: dict, n: int = 256) -> dict:
+    """On held-out frames: latent MSE to the VAE's, the rendered frame's PSNR against the
+    real one, and the IoU of the T found in it with the T at the true pose."""
+    from experiments.evaluate_world_model import mask_iou, t_mask_at_pose, t_mask_from_frame
+
+    from arcfab_gym.models.mini_dreamzero import features
+    from arcfab_gym.models.mini_dreamzero.training import goal_maps
+    from arcfab_gym.models.mini_dreamzero.vae import tensor_to_frames
+
+    E, T = data["state"].shape[:2]
+    idx = torch.linspace(0, E * T - 1, min(n, E * T)).long()
+    state = data["state"].flatten(0, 1)[idx]
+    z = data["z"].flatten(0, 1)[idx]
+    pred = renderer(state, goal_maps(data["prompt_id"].repeat_interleave(T)[idx], renderer.cfg.map_size))
+    frames = data["frames"].reshape(E * T, *data["frames"].shape[2:])[idx.numpy()]
+    decoded = vae.decode(pred)
+    _, poses = features.poses_from_state(state.numpy())
+    drawn = tensor_to_frames(decoded)
+    size = frames.shape[1]
+    iou = [mask_iou(t_mask_from_frame(f), t_mask_at_pose(p, size)) for f, p in zip(drawn, poses)]
+    return {
+        "latent_mse": float(((pred - z) ** 2).mean()),
+        "psnr": float(psnr(decoded, frames_to_tensor(frames)).mean()),
+        "t_iou": float(np.mean(iou)),
+        "strip": np.concatenate([np.concatenate(list(frames[:8]), 1), np.concatenate(list(drawn[:8]), 1)], 0),
+    }
+
+
+def train_renderer(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> StateRenderer:
+    """The state renderer: task state + goal map -> the VAE's latent of that frame."""
+    from arcfab_gym.models.mini_dreamzero.training import encode_episodes, goal_maps
+
+    vae = _load_vae(out_dir)
+    train = encode_episodes(vae, load_npz(cfg.train_data, cfg.tiny), coverage=False)
+    test = encode_episodes(vae, load_npz(cfg.test_data, cfg.tiny), coverage=False)
+    rcfg = RendererConfig(width=8 if cfg.tiny else cfg.renderer_width, blocks=1 if cfg.tiny else 2,
+                          latent_channels=vae.cfg.latent_channels)  # fmt: skip
+    renderer = StateRenderer(rcfg)
+    opt = torch.optim.AdamW(renderer.parameters(), lr=cfg.lr, weight_decay=1e-5)
+    E, T = train["state"].shape[:2]
+    states, z = train["state"].flatten(0, 1), train["z"].flatten(0, 1)
+    goals = goal_maps(train["prompt_id"].repeat_interleave(T), rcfg.map_size)
+    rng = np.random.default_rng(cfg.seed)
+    t0, step = time.perf_counter(), 0
+    bar = tqdm(desc="renderer", unit="step", total=None)
+    history: list[float] = []
+    while _budget(cfg, t0, step) < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr)
+        i = torch.from_numpy(rng.integers(len(states), size=cfg.batch_size * 4))
+        loss = torch.nn.functional.mse_loss(renderer(states[i], goals[i]), z[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(renderer.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        history.append(loss.item())
+        if step % cfg.log_every == 0:
+            writer.add_scalar("renderer/loss", np.mean(history[-cfg.log_every:]), step)
+            writer.add_scalar("renderer/lr", opt.param_groups[0]["lr"], step)
+        if step % cfg.image_every == 0 or _budget(cfg, t0, step) >= 1.0:
+            renderer.eval()
+            m = _renderer_metrics(renderer, vae, test)
+            renderer.train()
+            for k in ("latent_mse", "psnr", "t_iou"):
+                writer.add_scalar(f"renderer_heldout/{k}", m[k], step)
+            writer.add_image("renderer/real_top_rendered_bottom", m["strip"], step, dataformats="HWC")
+            bar.set_postfix(loss=f"{np.mean(history[-cfg.log_every:]):.4f}", psnr=f"{m['psnr']:.1f}",
+                            iou=f"{m['t_iou']:.2f}")
+    bar.close()
+    renderer.eval()
+    m = _renderer_metrics(renderer, vae, test)
+    save_file(renderer.state_dict(), str(out_dir / "renderer.safetensors"))
+    _update_config(out_dir, {
+        "renderer": asdict(rcfg), "weights_id": weights_id(out_dir),
+        "renderer_training": {
+            "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "threads": cfg.threads, "episodes": int(E),
+            "heldout": {k: m[k] for k in ("latent_mse", "psnr", "t_iou")},
+        },
+    })  # fmt: skip
+    return renderer
+
+
 def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> WorldTransformer:
     # Imported here (not at module top) so a VAE-only run needs none of it; imported
     # eagerly here so a long run is not affected by later edits of the backend module.
@@ -298,14 +410,17 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
         dynamics_loss,
         encode_episodes,
         open_loop_rollout,
+        render_anchors,
     )
 
     meta = json.loads((out_dir / "config.json").read_text())
-    vae = FrameVAE(VAEConfig(**meta["vae"]))
-    vae.load_state_dict(load_file(str(out_dir / "vae.safetensors")))
-    vae.eval()
+    vae = _load_vae(out_dir)
     train = encode_episodes(vae, load_npz(cfg.train_data, cfg.tiny))
     test = encode_episodes(vae, load_npz(cfg.test_data, cfg.tiny))
+    renderer = None
+    if cfg.anchor == "render":
+        renderer = _load_renderer(out_dir)
+        train["anchor"], test["anchor"] = render_anchors(renderer, train), render_anchors(renderer, test)
     dcfg = DynamicsConfig(d_model=32, n_heads=2, n_layers=2) if cfg.tiny else DynamicsConfig()
     init_id = None
     if cfg.init_from is not None:
@@ -314,10 +429,16 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
         init_id = init_meta.get("weights_id")
     if cfg.state_map != dcfg.state_map:
         dcfg = dataclasses.replace(dcfg, state_map=cfg.state_map)
-    if cfg.residual != dcfg.residual:
+    new_target = cfg.residual != dcfg.residual or (cfg.residual and cfg.anchor != dcfg.anchor)
+    if new_target:
         z = train["z"]
-        delta_scale = float((z[:, 1:] - z[:, :-1]).std()) if cfg.residual else 1.0
-        dcfg = dataclasses.replace(dcfg, residual=cfg.residual, delta_scale=delta_scale)
+        if not cfg.residual:
+            delta_scale = 1.0
+        elif cfg.anchor == "render":
+            delta_scale = float((z - train["anchor"]).std())
+        else:
+            delta_scale = float((z[:, 1:] - z[:, :-1]).std())
+        dcfg = dataclasses.replace(dcfg, residual=cfg.residual, anchor=cfg.anchor, delta_scale=delta_scale)
     state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
     state_net.load_state_dict(load_file(str(out_dir / "state_dynamics.safetensors")))
     state_net.eval()
@@ -332,6 +453,10 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
             grown[:, : old.shape[1]] = old
             weights["in_proj.weight"] = grown
         net.load_state_dict(weights)
+        if new_target:
+            # The flow's target changed: the velocity head starts again from zero.
+            torch.nn.init.zeros_(net.velocity.weight)
+            torch.nn.init.zeros_(net.velocity.bias)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr * 0.5, weight_decay=1e-4)
     sampler = ClipSampler(train, cfg.clip_frames, np.random.default_rng(cfg.seed))
     test_sampler = ClipSampler(test, cfg.clip_frames, np.random.default_rng(cfg.seed + 1))
@@ -362,7 +487,8 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
                             held=f"{test_loss.item():.4f}")
         if step % cfg.image_every == 0 or _budget(cfg, t0, step) >= 1.0:
             net.eval()
-            strip = open_loop_rollout(net, vae, state_net, test, episode=0, start=4, horizon=12)
+            strip = open_loop_rollout(net, vae, state_net, test, episode=0, start=4, horizon=12,
+                                      renderer=renderer)
             writer.add_image("dynamics/real_top_predicted_bottom", strip, step, dataformats="HWC")
     bar.close()
     save_file(net.state_dict(), str(out_dir / "dynamics.safetensors"))
@@ -382,7 +508,8 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
 def weights_id(out_dir: Path) -> str:
     """The weights' identity: a digest of every weights file in ``out_dir``."""
     digest = hashlib.sha256()
-    for name in ("dynamics.safetensors", "vae.safetensors", "state_dynamics.safetensors"):
+    for name in ("dynamics.safetensors", "vae.safetensors", "state_dynamics.safetensors",
+                 "renderer.safetensors"):
         if (out_dir / name).exists():
             digest.update((out_dir / name).read_bytes())
     return digest.hexdigest()[:16]
@@ -398,14 +525,17 @@ def _update_config(out_dir: Path, values: dict) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
-    if cfg.stage not in ("vae", "state", "dynamics", "all"):
-        raise ValueError(f"unknown stage {cfg.stage!r}: choose vae, state, dynamics or all")
+    stages = {"vae": train_vae, "state": train_state, "renderer": train_renderer,
+              "dynamics": train_dynamics}  # fmt: skip
+    if cfg.stage not in (*stages, "all"):
+        raise ValueError(f"unknown stage {cfg.stage!r}: choose {', '.join(stages)} or all")
+    if cfg.anchor not in ("render", "previous"):
+        raise ValueError(f"anchor must be render or previous, got {cfg.anchor!r}")
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run_dir / "tb"))
     writer.add_text("config", "```\n" + json.dumps(asdict(cfg), indent=1) + "\n```")
-    stages = {"vae": train_vae, "state": train_state, "dynamics": train_dynamics}
     for i, (name, run) in enumerate(stages.items()):
         if cfg.stage in (name, "all"):
             torch.manual_seed(cfg.seed + i)  # each stage reproducible on its own

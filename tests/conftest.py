@@ -18,8 +18,10 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
 
     from arcfab_gym.models.mini_dreamzero.network import (
         DynamicsConfig,
+        RendererConfig,
         StateDynamics,
         StateDynamicsConfig,
+        StateRenderer,
         WorldTransformer,
     )
     from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, VAEConfig
@@ -29,7 +31,8 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
         torch.manual_seed(seed)
         vae = FrameVAE(VAEConfig(width=16))
         net = WorldTransformer(DynamicsConfig(d_model=32, n_heads=2, n_layers=2, residual=True,
-                                              delta_scale=0.5, state_map=True))
+                                              delta_scale=0.5, state_map=True, anchor="render"))
+        renderer = StateRenderer(RendererConfig(width=8, blocks=1))
         # The state dynamics: small random changes of the state (a few px a frame).
         state_net = StateDynamics(StateDynamicsConfig(hidden=32, layers=2))
         state_net.delta_scale.copy_(torch.tensor([0.02, 0.02, 0.01, 0.01, 0.02]))
@@ -44,8 +47,10 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
     save_file(vae.state_dict(), str(out / "vae.safetensors"))
     save_file(net.state_dict(), str(out / "dynamics.safetensors"))
     save_file(state_net.state_dict(), str(out / "state_dynamics.safetensors"))
+    save_file(renderer.state_dict(), str(out / "renderer.safetensors"))
     cfg = {"vae": asdict(vae.cfg), "dynamics": asdict(net.cfg), "action_repeat": 4,
-           "state_dynamics": asdict(state_net.cfg), "weights_id": weights_id}  # fmt: skip
+           "state_dynamics": asdict(state_net.cfg), "renderer": asdict(renderer.cfg),
+           "weights_id": weights_id}  # fmt: skip
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 

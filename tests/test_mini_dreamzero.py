@@ -605,10 +605,13 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     t_train = time.perf_counter() - t0 - t_collect
     print(f"collect {t_collect:.1f}s, train {t_train:.1f}s")
 
-    for f in ("vae.safetensors", "state_dynamics.safetensors", "dynamics.safetensors", "config.json"):
+    for f in ("vae.safetensors", "state_dynamics.safetensors", "renderer.safetensors",
+              "dynamics.safetensors", "config.json"):
         assert (out_dir / f).exists(), f
     meta = json.loads((out_dir / "config.json").read_text())
     assert meta["vae_steps"] == 60 and meta["dynamics_steps"] == 60
+    assert meta["renderer_training"]["steps"] == 60
+    assert np.isfinite(meta["renderer_training"]["heldout"]["latent_mse"])
     assert meta["state_dynamics_training"]["steps"] == 60
     assert meta["dynamics"]["state_map"] is True
     assert meta["dynamics_training"]["steps"] == 60 and meta["dynamics_training"]["init_from"] is None

@@ -57,7 +57,9 @@ from arcfab_gym.models.mini_dreamzero.features import (
 )
 from arcfab_gym.models.mini_dreamzero.network import (
     DynamicsConfig,
+    RendererConfig,
     StateDynamics,
+    StateRenderer,
     StateDynamicsConfig,
     WorldTransformer,
     unpatchify,
@@ -92,6 +94,7 @@ class Weights:
     state_net: StateDynamics
     meta: dict[str, Any]
     source: str
+    renderer: StateRenderer | None = None  # weights whose flow is anchored on the state
 
     @classmethod
     def load(cls, weights_dir: str | Path | None = None) -> Weights:
@@ -116,10 +119,22 @@ class Weights:
             )
         state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
         state_net.load_state_dict(load_file(str(root / "state_dynamics.safetensors")))
-        for m in (vae, net, state_net):
-            m.eval()
-            m.requires_grad_(False)
-        return cls(vae=vae, net=net, state_net=state_net, meta=meta, source=str(root))
+        renderer = None
+        if net.cfg.anchor == "render":
+            if "renderer" not in meta or not (root / "renderer.safetensors").exists():
+                raise FileNotFoundError(
+                    f"the mini-dreamzero weights in {root} anchor the video on the state but "
+                    "renderer.safetensors (or its config) is missing; train it with "
+                    "`python -m experiments.train_world_model stage=renderer`"
+                )
+            renderer = StateRenderer(RendererConfig(**meta["renderer"]))
+            renderer.load_state_dict(load_file(str(root / "renderer.safetensors")))
+        for m in (vae, net, state_net, renderer):
+            if m is not None:
+                m.eval()
+                m.requires_grad_(False)
+        return cls(vae=vae, net=net, state_net=state_net, meta=meta, source=str(root),
+                   renderer=renderer)
 
 
 class MiniDreamZero(WorldModel):
@@ -346,6 +361,13 @@ class MiniDreamZero(WorldModel):
         x = torch.cat([torch.randn(shape, generator=w.gen) for w in worlds])  # [B, C, S, S]
         t0 = self.warm_start
         z_prev = torch.stack([w.chunks[-1][-1] for w in worlds])
+        if c.anchor == "render":
+            # The change is measured from the latent the renderer draws for the predicted
+            # state, so the frame shows the T where the state token says it is.
+            renderer = self.weights.renderer
+            anchor = renderer(nxt, renderer.goal_maps([w.prompt for w in worlds]))
+        else:
+            anchor = z_prev
         if t0 > 0:
             # SDEdit-style: start the flow at t0 from "no change" -- the previous frame
             # (or, for a residual flow, a zero change), noised -- rather than from pure
@@ -359,7 +381,7 @@ class MiniDreamZero(WorldModel):
             v = net.velocity(hidden[:, :tf]).view(B, 2, tf, -1)
             v = v[:, 1] + self.cfg_scale * (v[:, 0] - v[:, 1]) if self.cfg_scale != 1.0 else v[:, 0]
             x = x + unpatchify(v, c.latent_channels, c.latent_size, c.latent_size, c.patch) * ((1 - t0) / n)
-        return latent_from_flow(c, x, z_prev)
+        return latent_from_flow(c, x, anchor)
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray,
                actions: np.ndarray, *, real: bool) -> None:

@@ -135,20 +135,35 @@ def state_map(state: torch.Tensor, size: int = MAP_SIZE) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(maps, ss) if ss > 1 else maps
 
 
+@functools.lru_cache(maxsize=16)
+def _goal_map(goal: tuple[float, float, float], size: int) -> torch.Tensor:
+    x, y, theta = goal
+    state = torch.tensor([[0.0, 0.0, x / (pusht.WORLD_SIZE / 2) - 1.0, y / (pusht.WORLD_SIZE / 2) - 1.0,
+                           np.sin(theta), np.cos(theta)]], dtype=torch.float32)
+    return state_map(state, size)[:, :1]
+
+
+def goal_map(prompts, size: int = MAP_SIZE) -> torch.Tensor:
+    """The goal region each prompt asks for, rasterised like the T's channel of
+    :func:`state_map`: ``[B, 1, size, size]``."""
+    return torch.cat([_goal_map(tuple(float(v) for v in pusht.goal_pose(p)), size) for p in prompts])
+
+
 def resting_action(state: torch.Tensor | np.ndarray):
     """The action that holds a pusher still where it is (its target = its position): the
     "last action" of a history's first frame, where the pusher is at rest."""
     return state[..., 0:2]
 
 
-def flow_target(cfg, z_next: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+def flow_target(cfg, z_next: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """What the flow generates for ``z_next``: the latent itself, or (``cfg.residual``) the
-    scaled change from ``z_prev``. ``latent_from_flow`` inverts it."""
-    return (z_next - z_prev) / cfg.delta_scale if cfg.residual else z_next
+    scaled change from ``anchor`` -- the previous latent, or the latent rendered from the
+    frame's state (``cfg.anchor``). ``latent_from_flow`` inverts it."""
+    return (z_next - anchor) / cfg.delta_scale if cfg.residual else z_next
 
 
-def latent_from_flow(cfg, x: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
-    return z_prev + cfg.delta_scale * x if cfg.residual else x
+def latent_from_flow(cfg, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    return anchor + cfg.delta_scale * x if cfg.residual else x
 
 
 def pusher_features(agent: torch.Tensor, agent_prev: torch.Tensor) -> torch.Tensor:

@@ -66,10 +66,16 @@ class DynamicsConfig:
     delta_scale: float = 1.0
     # Frame tokens read a rasterised picture of the frame's task state (features.state_map).
     state_map: bool = False
+    # What a residual flow's change is measured from: the previous latent ("previous"), or
+    # the latent :class:`StateRenderer` draws from the frame's own task state ("render"):
+    # the frame then cannot drift from its state however long the rollout.
+    anchor: str = "previous"
     prompts: tuple[str, ...] = pusht.PROMPTS
     vocab: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
+        if self.anchor not in ("previous", "render"):
+            raise ValueError(f"anchor must be 'previous' or 'render', got {self.anchor!r}")
         if not self.vocab:
             self.vocab = build_vocab(tuple(self.prompts))
         self.prompts = tuple(self.prompts)
@@ -157,6 +163,50 @@ class StateDynamics(nn.Module):
         to ``now`` ``[B, 2]`` -> the next state ``[B, 6]``."""
         delta = self.scaled_delta(now, prev, action, last_action) * self.delta_scale
         return features.apply_delta(now, delta)
+
+
+@dataclass
+class RendererConfig:
+    width: int = 64
+    blocks: int = 2
+    latent_channels: int = 4
+    map_size: int = 64  # the maps it reads: the frame's resolution, 4x the latent's
+
+
+class StateRenderer(nn.Module):
+    """Draws a frame's latent from its task state: the state map (the T's area, the
+    pusher's disc, ``features.state_map``) and the goal region's map, at the frame's
+    resolution -> ``[B, C, 16, 16]``, regressed on the VAE's latents of real frames. A
+    Push-T picture is a function of those three shapes, so this is the part of a frame
+    the state fixes; the video flow (``DynamicsConfig.anchor = "render"``) generates
+    the rest. Shaped like the VAE's encoder: two strided convolutions down to the latent
+    grid, then residual 3x3 blocks.
+    """
+
+    def __init__(self, cfg: RendererConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or RendererConfig()
+        w = cfg.width
+        self.stem = nn.Sequential(
+            nn.Conv2d(features.MAP_CHANNELS + 1, w // 2, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(w // 2, w, 4, stride=2, padding=1),  # map_size / 4 = the latent grid
+        )  # fmt: skip
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1))
+            for _ in range(cfg.blocks)
+        )
+        self.out = nn.Conv2d(w, cfg.latent_channels, 1)
+
+    def goal_maps(self, prompts) -> torch.Tensor:
+        """The goal map of each prompt at this renderer's resolution ``[B, 1, M, M]``."""
+        return features.goal_map(prompts, self.cfg.map_size)
+
+    def forward(self, state: torch.Tensor, goal_map: torch.Tensor) -> torch.Tensor:
+        """Task states ``[B, 6]`` and goal maps ``[B, 1, M, M]`` -> latents ``[B, C, M/4, M/4]``."""
+        x = self.stem(torch.cat([features.state_map(state, self.cfg.map_size), goal_map], dim=1))
+        for blk in self.blocks:
+            x = x + blk(F.silu(x))
+        return self.out(F.silu(x))
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:

@@ -16,7 +16,12 @@ from arcfab_gym.models.mini_dreamzero.features import (
     normalise_pos,
     pusher_features,
 )
-from arcfab_gym.models.mini_dreamzero.network import StateDynamics, WorldTransformer, patchify
+from arcfab_gym.models.mini_dreamzero.network import (
+    StateDynamics,
+    StateRenderer,
+    WorldTransformer,
+    patchify,
+)
 from arcfab_gym.models.mini_dreamzero.vae import FrameVAE, frames_to_tensor
 from arcfab_gym.tasks import pusht
 
@@ -44,15 +49,17 @@ def block_features(pose: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512) -> dict:
-    """Episodes from ``experiments.collect`` -> tensors for training (latents, targets)."""
+def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512, *,
+                    coverage: bool = True) -> dict:
+    """Episodes from ``experiments.collect`` -> tensors for training (latents, targets);
+    ``coverage=False`` skips the coverage of every prompt (zeros: the slow part)."""
     frames = data["frames"]  # [E, T, S, S, 3]
     E, T = frames.shape[:2]
     flat = frames.reshape(E * T, *frames.shape[2:])
     z = torch.cat([vae.encode(frames_to_tensor(flat[i : i + chunk])) for i in range(0, len(flat), chunk)])
     poses = data["block_pose"].astype(np.float64)
     cov = np.zeros((E, T, len(pusht.PROMPTS)), np.float32)
-    for e in range(E):
+    for e in range(E if coverage else 0):
         for t in range(T):
             poly = pusht.t_polygon(poses[e, t])
             for k, p in enumerate(pusht.PROMPTS):
@@ -67,6 +74,23 @@ def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512
         "prompt_id": torch.from_numpy(data["prompt_id"].astype(np.int64)),
         "frames": frames,
     }
+
+
+@torch.no_grad()
+def render_anchors(renderer: StateRenderer, data: dict, chunk: int = 1024) -> torch.Tensor:
+    """The latent ``renderer`` draws for every frame's true state ``[E, T, C, S, S]``: the
+    anchor of a flow with ``anchor = "render"`` (frozen while the video trains)."""
+    E, T = data["state"].shape[:2]
+    state = data["state"].flatten(0, 1)
+    goal = goal_maps(data["prompt_id"].repeat_interleave(T), renderer.cfg.map_size)
+    out = torch.cat([renderer(state[i : i + chunk], goal[i : i + chunk])
+                     for i in range(0, len(state), chunk)])  # fmt: skip
+    return out.view(E, T, *out.shape[1:])
+
+
+def goal_maps(prompt_id: torch.Tensor, size: int) -> torch.Tensor:
+    """Prompt indices ``[N]`` -> their goal maps ``[N, 1, size, size]``."""
+    return features.goal_map(pusht.PROMPTS, size)[prompt_id]
 
 
 class ClipSampler:
@@ -85,7 +109,7 @@ class ClipSampler:
         idx = s[:, None] + torch.arange(T)  # [B, T]
         prev = (idx - 1).clamp_min(0)
         ee = e[:, None]
-        return {
+        out = {
             "z": d["z"][ee, idx],  # [B, T, C, S, S]
             "ys": d["z"][e, 0],  # [B, C, S, S] first frame of the episode
             "agent": d["agent"][ee, idx],  # [B, T, 2]
@@ -97,6 +121,9 @@ class ClipSampler:
             "prompt_id": d["prompt_id"][e],  # [B]
             "start": s,  # [B]
         }
+        if "anchor" in d:
+            out["anchor"] = d["anchor"][ee, idx]  # [B, T, C, S, S] rendered from the state
+        return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,7 +161,8 @@ def dynamics_loss(net: WorldTransformer, batch: dict) -> tuple[torch.Tensor, dic
         smap_clean, smap_next = maps[:, :n].flatten(0, 1), maps[:, 1:].flatten(0, 1)
     clean = net.frame_tokens(zc.flatten(0, 1), ys_rep, torch.ones(B * n), smap_clean).view(B, n * tf, d)
     # Noisy blocks 1..T-1 (flow matching: x_t = t x1 + (1 - t) eps, velocity x1 - eps).
-    x1 = flow_target(cfg, z[:, 1:], z[:, :n])
+    anchor = batch["anchor"][:, 1:] if cfg.anchor == "render" else z[:, :n]
+    x1 = flow_target(cfg, z[:, 1:], anchor)
     eps = torch.randn_like(x1)
     # Noise levels: half logit-normal (most learning happens at middle t), half uniform,
     # so that t near 0 -- where sampling starts and the context must carry the frame --
@@ -263,12 +291,13 @@ def imagine(model, frames: np.ndarray, agent_pos: np.ndarray, block_pose: np.nda
 
 @torch.no_grad()
 def open_loop_rollout(net, vae, state_net, data: dict, *, episode: int, start: int,
-                      horizon: int) -> np.ndarray:
+                      horizon: int, renderer: StateRenderer | None = None) -> np.ndarray:
     """A picture for TensorBoard: real frames (top) and frames imagined open-loop from
     frame ``start`` under the recorded actions (bottom), uint8 ``[2S, horizon*S, 3]``."""
     from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero, Weights
 
-    weights = Weights(vae=vae, net=net, state_net=state_net, meta={}, source="training")
+    weights = Weights(vae=vae, net=net, state_net=state_net, meta={}, source="training",
+                      renderer=renderer)
     model = MiniDreamZero(_weights=weights)
     frames = data["frames"][episode]
     agent, block = features.poses_from_state(data["state"][episode].numpy())
