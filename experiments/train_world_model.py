@@ -357,7 +357,7 @@ def train_renderer(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> St
     opt = torch.optim.AdamW(renderer.parameters(), lr=cfg.lr, weight_decay=1e-5)
     E, T = train["state"].shape[:2]
     states, z = train["state"].flatten(0, 1), train["z"].flatten(0, 1)
-    goals = goal_maps(train["prompt_id"].repeat_interleave(T), rcfg.map_size)
+    prompts = train["prompt_id"].repeat_interleave(T)  # each frame's prompt
     rng = np.random.default_rng(cfg.seed)
     t0, step = time.perf_counter(), 0
     bar = tqdm(desc="renderer", unit="step", total=None)
@@ -366,7 +366,8 @@ def train_renderer(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> St
         for g in opt.param_groups:
             g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr)
         i = torch.from_numpy(rng.integers(len(states), size=cfg.batch_size * 4))
-        loss = torch.nn.functional.mse_loss(renderer(states[i], goals[i]), z[i])
+        pred = renderer(states[i], goal_maps(prompts[i], rcfg.map_size))
+        loss = torch.nn.functional.mse_loss(pred, z[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(renderer.parameters(), 1.0)

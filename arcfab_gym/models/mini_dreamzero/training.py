@@ -82,8 +82,9 @@ def render_anchors(renderer: StateRenderer, data: dict, chunk: int = 1024) -> to
     anchor of a flow with ``anchor = "render"`` (frozen while the video trains)."""
     E, T = data["state"].shape[:2]
     state = data["state"].flatten(0, 1)
-    goal = goal_maps(data["prompt_id"].repeat_interleave(T), renderer.cfg.map_size)
-    out = torch.cat([renderer(state[i : i + chunk], goal[i : i + chunk])
+    prompt = data["prompt_id"].repeat_interleave(T)
+    size = renderer.cfg.map_size
+    out = torch.cat([renderer(state[i : i + chunk], goal_maps(prompt[i : i + chunk], size))
                      for i in range(0, len(state), chunk)])  # fmt: skip
     return out.view(E, T, *out.shape[1:])
 
