@@ -108,6 +108,14 @@ def _lr(step_frac: float, peak: float) -> float:
     return peak * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step_frac, 1.0))))
 
 
+def _optimise(opt: torch.optim.Optimizer, params, loss: torch.Tensor) -> None:
+    """One step of every stage: backward, gradients clipped to norm 1, update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
     """Fraction of the budget used (time or steps)."""
     if cfg.minutes is None:
@@ -152,10 +160,7 @@ def train_vae(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> FrameVA
             g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr)
         batch = frames_to_tensor(frames[rng.integers(len(frames), size=cfg.batch_size * 2)])
         loss, parts = vae.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _optimise(opt, vae.parameters(), loss)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -258,10 +263,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         h = max(2, min(horizon, int(2 + (horizon - 2) * frac * 3)))
         states, actions = state_windows(windows, h, cfg.state_batch, rng)
         loss, per_frame, err = state_dynamics_loss(model, states, actions)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimise(opt, params, loss)
         step += 1
         bar.update(1)
         history.append(loss.item())
@@ -368,10 +370,7 @@ def train_renderer(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> St
         i = torch.from_numpy(rng.integers(len(states), size=cfg.batch_size * 4))
         pred = renderer(states[i], goal_maps(prompts[i], rcfg.map_size))
         loss = torch.nn.functional.mse_loss(pred, z[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(renderer.parameters(), 1.0)
-        opt.step()
+        _optimise(opt, renderer.parameters(), loss)
         step += 1
         bar.update(1)
         history.append(loss.item())
@@ -469,10 +468,7 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
             g["lr"] = _lr(_budget(cfg, t0, step), cfg.lr * 0.5)
         net.train()
         loss, parts = dynamics_loss(net, sampler.sample(cfg.batch_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        _optimise(opt, net.parameters(), loss)
         step += 1
         bar.update(1)
         history.append(loss.item())
