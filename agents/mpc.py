@@ -28,7 +28,7 @@ from planners.icem import ICEMConfig, ICEMPlanner, MPPIConfig, MPPIPlanner
 from planners.mcts import gumbel_muzero_policy, muzero_policy
 from planners.proposals import PlanProposal
 from planners.widening import Widening
-from planners.world import GoalObjective, WorldSearch, reward_objective, sequence_evaluator
+from planners.world import GoalObjective, Pessimistic, WorldSearch, reward_objective, sequence_evaluator
 
 
 def relative_action_map(scale_px: float):
@@ -116,6 +116,10 @@ class MPCConfig:
     objective: str = "reward"
     """reward (the model's reward head), shaped (reward + distances read from the
     observation), or goal (distance to a goal state's embedding, via set_goal)."""
+    pessimism: float = 0.0
+    """Objective charged per px of the backend's disagreement about a step
+    (``info["disagreement"]``: a state-dynamics ensemble's spread; planners.world.Pessimistic).
+    0 = trust the model's mean."""
     record_tree: bool = True
     """Record every expanded node in the trajectory tree."""
     actions: str = "absolute"
@@ -212,6 +216,8 @@ class MPCAgent:
         elif cfg.objective != "goal":  # "goal" is set by set_goal()
             raise ValueError(f"unknown objective {cfg.objective!r}: reward, "
                              f"{', '.join(OBJECTIVES)} or goal")
+        if not np.isfinite(cfg.pessimism) or cfg.pessimism < 0:
+            raise ValueError(f"pessimism must be finite and >= 0, got {cfg.pessimism}")
         if cfg.actions not in ("absolute", "relative"):
             raise ValueError(f"unknown actions {cfg.actions!r}: absolute or relative")
         self.action_map = relative_action_map(cfg.relative_px) if cfg.actions == "relative" else None
@@ -219,6 +225,16 @@ class MPCAgent:
         #: The action sequence behind the last action (its first row): CEM's sequence, or
         #: MCTS's principal variation (most visited children from the chosen action on).
         self.plan = np.zeros((0, 2), dtype=np.float32)
+
+    @property
+    def objective(self):
+        """What the planner maximises per step: the configured objective, less the
+        pessimism charge when ``cfg.pessimism > 0``."""
+        return self._objective
+
+    @objective.setter
+    def objective(self, objective) -> None:
+        self._objective = Pessimistic(objective, self.cfg.pessimism) if self.cfg.pessimism > 0 else objective
 
     def set_goal(self, goal_state) -> None:
         """Plan towards ``goal_state`` (a ModelState of this model) in the model's own

@@ -182,6 +182,29 @@ def frame_psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(psnr(frames_to_tensor(a)[None], frames_to_tensor(b)[None])[0])
 
 
+def spearman(a, b) -> float | None:
+    """Spearman's rank correlation of two samples (None when either is constant)."""
+    ra = np.argsort(np.argsort(np.asarray(a, float))).astype(float)
+    rb = np.argsort(np.argsort(np.asarray(b, float))).astype(float)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def disagreement_calibration(doubt: list[float], error: list[float]) -> dict:
+    """Does the state ensemble know when it is wrong? Its disagreement summed over a
+    rollout's frames against the block's position error at the rollout's end: the mean
+    of each, their rank correlation, and the error of the least and most doubted fifth."""
+    d, e = np.asarray(doubt, float), np.asarray(error, float)
+    out = {"mean_disagreement_px": float(d.mean()) if len(d) else None,
+           "spearman_vs_block_err": spearman(d, e)}
+    if len(d) >= 10 and np.ptp(d) > 0:
+        lo, hi = np.quantile(d, [0.2, 0.8])
+        out["block_err_px_least_doubted_fifth"] = float(e[d <= lo].mean())
+        out["block_err_px_most_doubted_fifth"] = float(e[d >= hi].mean())
+    return out
+
+
 def _f(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) / 255.0
 
@@ -293,6 +316,8 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
 
     per_k = {k: {m: {s: [] for s in SOURCES} for m, _, _ in HORIZON_METRICS} for k in horizons}
     cov_pred, cov_true, succ_prob, succ_true = [], [], [], []
+    # The ensemble's summed disagreement up to frame k beside the block error at k.
+    doubt = {k: ([], []) for k in horizons}
     strips: list[tuple[int, np.ndarray, np.ndarray]] = []
     n_rollouts = 0
     with tqdm(total=E * len(starts), desc="evaluate world model", unit="rollout") as bar:
@@ -333,6 +358,8 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
                     m["changed_mse_anchored"]["copy_last"].append(m["changed_mse"]["copy_last"][-1])
                     bp = np.asarray(info["block_pose"], dtype=np.float64)
                     m["block_pos_err_px"]["model"].append(float(np.linalg.norm(bp[:2] - pose[:2])))
+                    doubt[k][0].append(sum(float(i.get("disagreement", 0.0)) for i in infos[:k]))
+                    doubt[k][1].append(m["block_pos_err_px"]["model"][-1])
                     m["block_pos_err_px"]["copy_last"].append(
                         float(np.linalg.norm(base_pose[:2] - pose[:2])))
                     m["block_angle_err_rad"]["model"].append(float(wrap_angle(bp[2] - pose[2])))
@@ -390,6 +417,7 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
             }
             for k in horizons
         },
+        "ensemble": {str(k): disagreement_calibration(*doubt[k]) for k in horizons},
         "seconds": None,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
@@ -444,6 +472,15 @@ def markdown_table(metrics: dict, horizons: list[int]) -> str:
         f"- success AUC on real frames: {_fmt(rh['success_auc'])} "
         f"({rh['n_success_frames']} success frames of {rh['n_frames']})",
     ]
+    for k in horizons:
+        ens = metrics.get("ensemble", {}).get(str(k))
+        if ens and ens.get("mean_disagreement_px"):
+            lines.append(
+                f"- k={k}: state-ensemble disagreement summed over the rollout "
+                f"{_fmt(ens['mean_disagreement_px'])} px; rank correlation with the block error "
+                f"{_fmt(ens['spearman_vs_block_err'])}; block error of the least / most doubted "
+                f"fifth {_fmt(ens.get('block_err_px_least_doubted_fifth'))} / "
+                f"{_fmt(ens.get('block_err_px_most_doubted_fifth'))} px")
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,9 @@ class PlannerConfig:
     """MPPI: elite weights exp(temperature * (return - max))."""
     discount: float = 0.9
     """Planning discount."""
+    pessimism: float = 0.0
+    """Objective charged per px of the model's own disagreement about a step (its
+    state-dynamics ensemble's spread); 0 = plan on the ensemble's mean alone."""
     step_px: float = 40.0
     """MCTS move size (px)."""
     actions: str = "absolute"

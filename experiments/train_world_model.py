@@ -97,7 +97,11 @@ class TrainConfig:
     state_horizon: int = 8
     """Frames the state dynamics is unrolled over in training (its own predictions fed back)."""
     state_batch: int = 512
-    """Windows per step of the state dynamics."""
+    """Windows per step of the state dynamics (per ensemble member)."""
+    state_members: int = 1
+    """Ensemble members of the state dynamics. With ``init_from`` holding fewer, those are
+    kept as they are (frozen) and the new ones trained from scratch beside them, each on
+    its own random windows."""
 
 
 ConfigStore.instance().store(name="train_world_model_schema", node=TrainConfig)
@@ -231,22 +235,38 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
 
     train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
     test = _state_arrays(load_npz(cfg.test_data, cfg.tiny))
-    scfg = StateDynamicsConfig(hidden=32, layers=2) if cfg.tiny else StateDynamicsConfig()
+    scfg = (StateDynamicsConfig(hidden=32, layers=2, members=cfg.state_members) if cfg.tiny
+            else StateDynamicsConfig(members=cfg.state_members))
     windows = with_rest_frame(train)
     st, act = windows["state"], windows["actions"]
-    init_id = None
+    init_id, frozen = None, 0
     if cfg.init_from is not None and (Path(cfg.init_from) / "state_dynamics.safetensors").exists():
-        # Continue from trained weights: their scales and linear path stay as they are.
+        # Continue from trained weights: their scales and linear path stay as they are;
+        # members beyond theirs start from scratch, theirs stay frozen.
         init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
-        scfg = StateDynamicsConfig(**init_meta["state_dynamics"])
-        model = StateDynamics(scfg)
-        model.load_state_dict(load_file(str(Path(cfg.init_from) / "state_dynamics.safetensors")))
+        init_cfg = StateDynamicsConfig(**init_meta["state_dynamics"])
+        init = StateDynamics(init_cfg)
+        sd = StateDynamics.upgrade_state_dict(load_file(str(Path(cfg.init_from) / "state_dynamics.safetensors")))
+        init.load_state_dict(sd)
         init_id = init_meta.get("weights_id")
+        if cfg.state_members <= init_cfg.members:
+            scfg, model = init_cfg, init
+        else:
+            scfg = StateDynamicsConfig(hidden=init_cfg.hidden, layers=init_cfg.layers,
+                                       members=cfg.state_members)
+            model = StateDynamics(scfg)
+            frozen = init_cfg.members
+            with torch.no_grad():
+                for dst, src in zip([*model.weight, *model.bias], [*init.weight, *init.bias]):
+                    dst[:frozen] = src
+                model.linear.load_state_dict(init.linear.state_dict())
+                model.delta_scale.copy_(init.delta_scale)
     else:
         model = StateDynamics(scfg)
         model.delta_scale.copy_(measure_delta_scale(train))
         model.fit_linear(st[:, 1:-1].flatten(0, 1), st[:, :-2].flatten(0, 1), act[:, 1:].flatten(0, 1),
                          act[:, :-1].flatten(0, 1), st[:, 2:].flatten(0, 1))
+    kept = [p[:frozen].clone() for p in [*model.weight, *model.bias]] if frozen else []
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr * 0.5, weight_decay=1e-5)
     rng = np.random.default_rng(cfg.seed)
@@ -261,9 +281,15 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
             g["lr"] = _lr(frac, cfg.lr * 0.5)
         # The unroll grows from 2 frames to the full horizon over the first third.
         h = max(2, min(horizon, int(2 + (horizon - 2) * frac * 3)))
-        states, actions = state_windows(windows, h, cfg.state_batch, rng)
-        loss, per_frame, err = state_dynamics_loss(model, states, actions)
+        E = scfg.members
+        states, actions = state_windows(windows, h, cfg.state_batch * E, rng)
+        loss, per_frame, err = state_dynamics_loss(
+            model, states.unflatten(0, (E, cfg.state_batch)), actions.unflatten(0, (E, cfg.state_batch)))
         _optimise(opt, params, loss)
+        if frozen:
+            with torch.no_grad():  # the kept members, exactly as loaded (weight decay too)
+                for p, k in zip([*model.weight, *model.bias], kept):
+                    p[:frozen] = k
         step += 1
         bar.update(1)
         history.append(loss.item())
@@ -440,7 +466,7 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
             delta_scale = float((z[:, 1:] - z[:, :-1]).std())
         dcfg = dataclasses.replace(dcfg, residual=cfg.residual, anchor=cfg.anchor, delta_scale=delta_scale)
     state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
-    state_net.load_state_dict(load_file(str(out_dir / "state_dynamics.safetensors")))
+    state_net.load_state_dict(StateDynamics.upgrade_state_dict(load_file(str(out_dir / "state_dynamics.safetensors"))))
     state_net.eval()
     net = WorldTransformer(dcfg)
     if cfg.init_from is not None:

@@ -59,6 +59,25 @@ class GoalObjective:
         return -float(np.linalg.norm(model.embed(state) - self.goal)) / self.scale
 
 
+class Pessimistic:
+    """``objective`` minus ``weight`` times the backend's own doubt about each step,
+    ``info["disagreement"]`` (for mini-dreamzero: how far apart its state-dynamics
+    ensemble puts the T, in px). A sampling planner picks the best-looking of many
+    sequences, and the best-looking is where the model errs most in its favour (the
+    winner's curse); charging for disagreement steers it to plans the model is sure of.
+    A backend that reports no disagreement (the simulator) counts as certain."""
+
+    def __init__(self, objective: Objective, weight: float):
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"pessimism weight must be finite and >= 0, got {weight}")
+        self.objective, self.weight = objective, float(weight)
+        self.reads_frames = getattr(objective, "reads_frames", False)
+
+    def __call__(self, model: WorldModel, out: StepOutput, state: ModelState) -> float:
+        doubt = float(out.info.get("disagreement", 0.0))
+        return self.objective(model, out, state) - self.weight * doubt
+
+
 def absorbing_weight(discount: float, step: int, horizon: int) -> float:
     """Weight of an absorbing (terminal) state's value reached at ``step``: counted at
     that step and every step after, ``discount**step / (1 - discount)``; with

@@ -34,8 +34,10 @@ def make_tiny_weights(out: Path, *, seed: int = 0, weights_id: str = TINY_WEIGHT
                                               delta_scale=0.5, state_map=True, anchor="render"))
         renderer = StateRenderer(RendererConfig(width=8, blocks=1))
         # The state dynamics: small random changes of the state (a few px a frame).
-        state_net = StateDynamics(StateDynamicsConfig(hidden=32, layers=2))
+        # Two members whose last layers differ, so the ensemble's disagreement is not zero.
+        state_net = StateDynamics(StateDynamicsConfig(hidden=32, layers=2, members=2))
         state_net.delta_scale.copy_(torch.tensor([0.02, 0.02, 0.01, 0.01, 0.02]))
+        torch.nn.init.normal_(state_net.weight[-1], std=0.05)
         # The velocity head starts at zero (good for training, useless here: every frame
         # would be pure noise whatever the cache, prompt or action). Make it random too.
         torch.nn.init.normal_(net.velocity.weight, std=0.3)

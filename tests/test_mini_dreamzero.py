@@ -129,7 +129,7 @@ def test_state_has_dreamzero_shape(tiny_model):
     assert meta["cache_start_frame"] == 0
     assert meta["prompt"] == P0 and meta["seed"] == 0
     assert meta["weights"] == TINY_WEIGHTS_ID
-    assert t["frame_info"].shape == (frames, 9)
+    assert t["frame_info"].shape == (frames, 10)
     assert t["task_state"].shape == (frames, 6) and t["task_state"].dtype == torch.float32
 
 
@@ -629,11 +629,11 @@ def test_tiny_training_run(tmp_path, tiny_weights_dir):
     net = Weights.load(out_dir).state_net
     windows = with_rest_frame(_state_arrays(load_npz(str(tmp_path / "train.npz"), True)))
     states, actions = windows["state"][:, :4], windows["actions"][:, :3]
-    assert net.mlp[-1].weight.abs().sum() > 0  # trained: the last layer started at zero
+    assert net.weight[-1].abs().sum() > 0  # trained: the last layer started at zero
     with torch.no_grad():
         trained = state_dynamics_loss(net, states, actions)[0]
-        torch.nn.init.zeros_(net.mlp[-1].weight)
-        torch.nn.init.zeros_(net.mlp[-1].bias)
+        torch.nn.init.zeros_(net.weight[-1])
+        torch.nn.init.zeros_(net.bias[-1])
         linear = state_dynamics_loss(net, states, actions)[0]
     assert torch.isfinite(trained) and trained < 1.1 * linear, (trained, linear)
     for tag, factor in (("vae/loss", 0.9), ("dynamics/flow", 0.9)):

@@ -72,13 +72,17 @@ from arcfab_gym.tasks import pusht
 LATENT_CHUNK = 4
 #: Columns of the per-frame record: agent x, y; block x, y, angle (read from the task
 #: state); coverage of the goal by that pose; 1 if successful; 1 if the frame came from the
-#: real world (encoded) rather than generated; the coverage head's reading (diagnostic).
-FRAME_INFO_COLUMNS = 9
+#: real world (encoded) rather than generated; the coverage head's reading (diagnostic);
+#: the state-dynamics ensemble's disagreement about the frame's state (px; 0 for a real
+#: frame or a one-member ensemble).
+FRAME_INFO_COLUMNS = 10
 #: Sampling settings for weights whose config.json recommends none.
 SAMPLING_DEFAULTS = {"cfg_scale": 1.5, "num_denoise_steps": 2, "warm_start": 0.0}
 #: Version of the model state. 3: the task-state token (``task_state``) and the
-#: state-conditioned video; states of version 2 (no task state) cannot be read.
-STATE_VERSION = 3
+#: state-conditioned video; 4: the ensemble's disagreement in ``frame_info``. States of
+#: version 3 are read with a disagreement of 0; version 2 (no task state) cannot be read.
+STATE_VERSION = 4
+READABLE_STATE_VERSIONS = (3, 4)
 
 
 def default_weights_dir() -> Path:
@@ -118,7 +122,7 @@ class Weights:
                 "`stage=dynamics state_map=true`"
             )
         state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
-        state_net.load_state_dict(load_file(str(root / "state_dynamics.safetensors")))
+        state_net.load_state_dict(StateDynamics.upgrade_state_dict(load_file(str(root / "state_dynamics.safetensors"))))
         renderer = None
         if net.cfg.anchor == "render":
             if "renderer" not in meta or not (root / "renderer.safetensors").exists():
@@ -325,8 +329,9 @@ class MiniDreamZero(WorldModel):
             now = torch.from_numpy(np.stack([w.task[w.n - 1] for w in worlds]))
             prev = torch.from_numpy(np.stack([w.task[max(w.n - 2, 0)] for w in worlds]))
             last = torch.from_numpy(np.stack([w.acts[w.n - 1] for w in worlds]))
-            nxt = self.weights.state_net(now, prev, acts, last)  # the state token, predicted
-            self._record(worlds, nxt.numpy(), acts.numpy(), real=False)
+            # The state token, predicted, and the ensemble's disagreement about it.
+            nxt, spread = self.weights.state_net.predict(now, prev, acts, last)
+            self._record(worlds, nxt.numpy(), acts.numpy(), real=False, disagreement=spread.numpy())
             if render:
                 self._write_video(worlds, self._generate(worlds, acts, now, prev, nxt), nxt.numpy())
 
@@ -384,14 +389,14 @@ class MiniDreamZero(WorldModel):
         return latent_from_flow(c, x, anchor)
 
     def _write(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray,
-               actions: np.ndarray, *, real: bool) -> None:
+               actions: np.ndarray, *, real: bool, disagreement: np.ndarray | None = None) -> None:
         """Append each world's new frame: its task state ``states[b]`` ``[6]`` (reached by
         ``actions[b]``) and its latent ``latents[b]``, written into both caches."""
-        self._record(worlds, states, actions, real=real)
+        self._record(worlds, states, actions, real=real, disagreement=disagreement)
         self._write_video(worlds, latents, states)
 
     def _record(self, worlds: list[_World], states: np.ndarray, actions: np.ndarray, *,
-                real: bool) -> None:
+                real: bool, disagreement: np.ndarray | None = None) -> None:
         """Append a frame's task state to each world, with the reward and success the
         task's own geometry gives its pose (its video is written by ``_write_video``)."""
         states = np.asarray(states, dtype=np.float32)
@@ -401,7 +406,8 @@ class MiniDreamZero(WorldModel):
             cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
             success = float(cov > pusht.SUCCESS_THRESHOLD)
             w.append_frame(states[b], actions[b],
-                           [*agents[b], *blocks[b], cov, success, float(real), np.nan])
+                           [*agents[b], *blocks[b], cov, success, float(real), np.nan,
+                            0.0 if disagreement is None else float(disagreement[b])])
 
     def _write_video(self, worlds: list[_World], latents: torch.Tensor, states: np.ndarray) -> None:
         """Write frame ``w.rendered`` of each world: its latent ``latents[b]`` with its task
@@ -459,7 +465,8 @@ class MiniDreamZero(WorldModel):
                 f"latent must have shape ({c.latent_channels}, {c.latent_size}, "
                 f"{c.latent_size}), got {tuple(latent.shape)}"
             )
-        self._rewrite_current(latent, self._merged_state(agent_pos, block_pose), real=frame is not None)
+        self._rewrite_current(latent, self._merged_state(agent_pos, block_pose), real=frame is not None,
+                              known_block=block_pose is not None)
 
     @torch.no_grad()
     def inject_state(self, agent_pos=None, block_pose=None) -> None:
@@ -469,7 +476,7 @@ class MiniDreamZero(WorldModel):
         self._require_started()
         w = self._w
         self._rewrite_current(self.latent(w.n - 1), self._merged_state(agent_pos, block_pose),
-                              real=bool(w.info[w.n - 1, 7]))  # fmt: skip
+                              real=bool(w.info[w.n - 1, 7]), known_block=block_pose is not None)  # fmt: skip
 
     def _merged_state(self, agent_pos, block_pose) -> np.ndarray:
         """The current task state with the given parts replaced (the others kept bit for
@@ -485,18 +492,21 @@ class MiniDreamZero(WorldModel):
             state[2:6] = given[2:6]
         return state
 
-    def _rewrite_current(self, latent: torch.Tensor, state: np.ndarray, real: bool) -> None:
+    def _rewrite_current(self, latent: torch.Tensor, state: np.ndarray, real: bool, *,
+                         known_block: bool = False) -> None:
         """Drop the current frame's block, latent and record; write ``latent`` with task
-        state ``state`` instead."""
+        state ``state`` instead. The ensemble's disagreement is kept unless the T's pose
+        was given (``known_block``): then there is nothing left to doubt."""
         w = self._w
         self._render([w])
         action = w.acts[w.n - 1].copy()  # the same action led to the replaced frame
+        doubt = np.zeros(1) if known_block else w.info[w.n - 1, 9:10].copy()
         w.n -= 1
         w.rendered -= 1
         w.blocks = w.blocks[:-1]
         tail = w.chunks[-1][:-1]
         w.chunks = w.chunks[:-1] + ([tail] if len(tail) else [])
-        self._write([w], latent[None], state[None], action[None], real=real)
+        self._write([w], latent[None], state[None], action[None], real=real, disagreement=doubt)
 
     # --- state -------------------------------------------------------------------------------
     def _state_of(self, w: _World) -> ModelState:
@@ -508,7 +518,7 @@ class MiniDreamZero(WorldModel):
             "clip_feas": w.clip_feas,  # [1, n_img, d]
             "crossattn_cache": w.cross,  # [layers, 2, 2, H, Lc, hd]
             "rng_state": w.gen.get_state(),  # uint8
-            "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 9] float64
+            "frame_info": torch.from_numpy(w.info[: w.n].copy()),  # [T, 10] float64
             "task_state": torch.from_numpy(w.task[: w.n].copy()),  # [T, 6] float32
             "task_action": torch.from_numpy(w.acts[: w.n].copy()),  # [T, 2] float32
             "proposal": w.proposal,  # [n_mixture, 5]
@@ -537,12 +547,12 @@ class MiniDreamZero(WorldModel):
     def _world_from_state(self, state: ModelState, *, include_rng: bool) -> _World:
         t, meta = state.tensors, state.meta
         version = meta.get("state_version")
-        if version != STATE_VERSION:
+        if version not in READABLE_STATE_VERSIONS:
             hint = (" (written before the task-state token; re-create it with these weights)"
                     if isinstance(version, int) and version < STATE_VERSION else "")
             raise StateMismatchError(
-                f"not a {self.name} state of version {STATE_VERSION}: this one has state "
-                f"version {version}{hint}"
+                f"not a {self.name} state of version {' or '.join(map(str, READABLE_STATE_VERSIONS))}: "
+                f"this one has state version {version}{hint}"
             )
         missing = [k for k in ("language_ids", "task_state", "task_action", "frame_info") if k not in t]
         if missing:
@@ -554,6 +564,12 @@ class MiniDreamZero(WorldModel):
             )
         self.check_prompt(meta["prompt"])
         n = int(meta["current_start_frame"])
+        rows = t["frame_info"].numpy()
+        if version == 3:  # before the ensemble: no disagreement column
+            rows = np.concatenate([rows, np.zeros((len(rows), 1))], axis=1)
+        if rows.shape[1:] != (FRAME_INFO_COLUMNS,):
+            raise StateMismatchError(f"frame_info must have {FRAME_INFO_COLUMNS} columns in state "
+                                     f"version {STATE_VERSION}, got {tuple(rows.shape)}")
         if (len(t["frame_info"]) != n or tuple(t["task_state"].shape) != (n, features.STATE_DIM)
                 or tuple(t["task_action"].shape) != (n, self.action_dim)):
             raise StateMismatchError(
@@ -571,7 +587,7 @@ class MiniDreamZero(WorldModel):
         w.blocks = [t[k] for k in sorted(k for k in t if k.startswith("kv_cache/"))]
         w.cache_start = int(meta["cache_start_frame"])
         w.chunks = [t[k] for k in sorted(k for k in t if k.startswith("latent_video/"))]
-        w.set_frames(t["task_state"].numpy(), t["task_action"].numpy(), t["frame_info"].numpy())
+        w.set_frames(t["task_state"].numpy(), t["task_action"].numpy(), rows)
         w.rendered = int(meta.get("rendered_frames", n))
         latents = sum(len(chunk) for chunk in w.chunks)
         if not 1 <= w.rendered <= n or latents != w.rendered:
@@ -736,6 +752,9 @@ class MiniDreamZero(WorldModel):
             "goal_pose": pusht.goal_pose(w.prompt),
             "real_frame": bool(row[7]),
             "coverage_head": float(np.clip(row[8], 0.0, 1.0)),
+            # How far apart (px) the state dynamics' members put this frame's T: the
+            # model's own doubt about the step (0 for a real frame or one member).
+            "disagreement": float(row[9]),
         }
 
 

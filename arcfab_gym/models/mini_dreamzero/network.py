@@ -106,37 +106,71 @@ class DynamicsConfig:
 class StateDynamicsConfig:
     hidden: int = 512
     layers: int = 3
+    members: int = 1
+    """Ensemble members: MLPs of the same shape beside one shared linear path. The state
+    follows their mean change; their spread is the step's disagreement (``predict``)."""
+
+    def __post_init__(self):
+        if self.members < 1:
+            raise ValueError(f"state dynamics needs at least one member, got {self.members}")
+
+
+#: Pixels per radian when the T's angle spread enters the disagreement: about the T's
+#: half-length, so a turn counts as the distance its ends move.
+ANGLE_PX_PER_RAD = 50.0
 
 
 class StateDynamics(nn.Module):
     """The state token's dynamics: from the task state now and one frame before and the
-    action, the next task state (``features`` has the layout). An MLP predicts the scaled
-    change (``features.DELTA_NAMES``); ``delta_scale`` (a buffer, saved with the weights)
-    holds the per-column scales measured on the training data."""
+    action, the next task state (``features`` has the layout). An ensemble of MLPs
+    (``cfg.members``, their weights stacked so all run in one batched matmul per layer)
+    predicts the scaled change (``features.DELTA_NAMES``); ``delta_scale`` (a buffer,
+    saved with the weights) holds the per-column scales measured on the training data."""
 
     def __init__(self, cfg: StateDynamicsConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or StateDynamicsConfig()
-        dims = [features.DYNAMICS_INPUT_DIM] + [cfg.hidden] * cfg.layers
-        layers: list[nn.Module] = []
+        dims = [features.DYNAMICS_INPUT_DIM] + [cfg.hidden] * cfg.layers + [features.DELTA_DIM]
+        E = cfg.members
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList()
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.SiLU()]
-        self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], features.DELTA_DIM))
-        # A linear path beside the MLP, fitted by least squares before training and then
+            w = torch.empty(E, a, b)
+            for e in range(E):  # nn.Linear's initialisation, member by member
+                lin = nn.Linear(a, b)
+                w[e] = lin.weight.detach().T
+            bound = 1.0 / math.sqrt(a)
+            self.weight.append(nn.Parameter(w))
+            self.bias.append(nn.Parameter(torch.empty(E, 1, b).uniform_(-bound, bound)))
+        # A linear path beside the MLPs, fitted by least squares before training and then
         # frozen (``fit_linear``): the pusher's change is linear in these inputs (the fit
         # is off by 1e-5 px on held-out data), which an MLP alone only approximated (it
-        # was left 4-7 px off). The MLP, its last layer starting at zero, learns the rest:
-        # the contacts.
+        # was left 4-7 px off). The MLPs, their last layer starting at zero, learn the
+        # rest: the contacts.
         self.linear = nn.Linear(features.DYNAMICS_INPUT_DIM, features.DELTA_DIM)
         self.linear.requires_grad_(False)
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        with torch.no_grad():
+            self.weight[-1].zero_()
+            self.bias[-1].zero_()
         self.register_buffer("delta_scale", torch.ones(features.DELTA_DIM))
         # The pusher is kinematic in gym-pusht (contacts never move it): its change is the
-        # linear path's alone, and the MLP's pusher outputs are masked out.
+        # linear path's alone, and the MLPs' pusher outputs are masked out.
         mask = torch.ones(features.DELTA_DIM)
         mask[: features.DELTA_NAMES.index("d_agent_y") + 1] = 0.0
         self.register_buffer("mlp_mask", mask, persistent=False)
+
+    @staticmethod
+    def upgrade_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved before the ensemble (one ``nn.Sequential`` MLP: ``mlp.{2i}.weight``
+        ``[out, in]``) -> one member in the stacked layout; newer ones pass unchanged."""
+        if not any(k.startswith("mlp.") for k in sd):
+            return sd
+        out = {k: v for k, v in sd.items() if not k.startswith("mlp.")}
+        idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("mlp.")})
+        for i, j in enumerate(idx):
+            out[f"weight.{i}"] = sd[f"mlp.{j}.weight"].T[None].contiguous()
+            out[f"bias.{i}"] = sd[f"mlp.{j}.bias"][None, None].contiguous()
+        return out
 
     @torch.no_grad()
     def fit_linear(self, now, prev, action, last_action, nxt) -> None:
@@ -153,16 +187,40 @@ class StateDynamics(nn.Module):
         self.linear.weight.copy_(w[:-1].T.float())
         self.linear.bias.copy_(w[-1].float())
 
-    def scaled_delta(self, now, prev, action, last_action) -> torch.Tensor:
+    def member_deltas(self, now, prev, action, last_action) -> torch.Tensor:
+        """Each member's scaled change ``[E, B, 5]``: inputs ``[B, ...]`` (the same for
+        every member) or ``[E, B, ...]`` (one state per member, as in training)."""
         x = features.dynamics_input(now, prev, action, last_action)
-        return self.mlp(x) * self.mlp_mask + self.linear(x)
+        E = self.cfg.members
+        h = x if x.dim() == 3 else x.expand(E, *x.shape)
+        last = len(self.weight) - 1
+        for i, (w, b) in enumerate(zip(self.weight, self.bias)):
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                h = F.silu(h)
+        return h * self.mlp_mask + self.linear(x)
+
+    def _mean_next(self, now, deltas: torch.Tensor) -> torch.Tensor:
+        return features.apply_delta(now, deltas.mean(0) * self.delta_scale)
 
     def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
                 last_action: torch.Tensor) -> torch.Tensor:
         """States now and before ``[B, 6]``, the action ``[B, 2]`` and the one that led
-        to ``now`` ``[B, 2]`` -> the next state ``[B, 6]``."""
-        delta = self.scaled_delta(now, prev, action, last_action) * self.delta_scale
-        return features.apply_delta(now, delta)
+        to ``now`` ``[B, 2]`` -> the next state ``[B, 6]`` (the members' mean change)."""
+        return self._mean_next(now, self.member_deltas(now, prev, action, last_action))
+
+    def predict(self, now, prev, action, last_action) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next state ``[B, 6]`` and the members' disagreement about it ``[B]``: the
+        standard deviation over members of the T's predicted position (px) plus that of
+        its angle times ``ANGLE_PX_PER_RAD``; zero with one member."""
+        deltas = self.member_deltas(now, prev, action, last_action)
+        nxt = self._mean_next(now, deltas)
+        if self.cfg.members == 1:
+            return nxt, torch.zeros(nxt.shape[0])
+        d = deltas * self.delta_scale  # [E, B, 5], the T's part in its own frame at `now`
+        pos_px = d[..., 2:4] * (pusht.WORLD_SIZE / 2)
+        spread = pos_px.var(0, unbiased=False).sum(-1).sqrt() + ANGLE_PX_PER_RAD * d[..., 4].std(0, unbiased=False)
+        return nxt, spread
 
 
 @dataclass

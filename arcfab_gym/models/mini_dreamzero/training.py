@@ -243,19 +243,24 @@ def state_dynamics_loss(model: StateDynamics, states: torch.Tensor, actions: tor
     """Unrolled loss over ``H`` frames: from the two real states at the start, the model
     feeds its own predictions back; at every frame its scaled change is compared with the
     change that would lead from *its* current state to the real next one (so it learns to
-    correct its own drift). Returns the loss, the per-frame losses and the per-frame block
-    position errors (px)."""
-    prev, now = states[:, 0], states[:, 1]
+    correct its own drift). ``states`` ``[E, B, H+2, 6]`` and ``actions`` ``[E, B, H+1, 2]``
+    give each ensemble member its own windows (``[B, ...]`` for one member), and each
+    member unrolls its own predictions. Returns the loss (summed over members, so each
+    member learns as it would alone), the per-frame losses and the per-frame block position
+    errors (px), both averaged over members."""
+    if states.dim() == 3:
+        states, actions = states[None], actions[None]
+    prev, now = states[:, :, 0], states[:, :, 1]
     weights = torch.tensor(STATE_LOSS_WEIGHTS) / (sum(STATE_LOSS_WEIGHTS) / len(STATE_LOSS_WEIGHTS))
     losses, err = [], []
-    for k in range(actions.shape[1] - 1):
-        target = features.delta_target(now, states[:, k + 2]) / model.delta_scale
-        pred = model.scaled_delta(now, prev, actions[:, k + 1], actions[:, k])
-        losses.append((((pred - target) ** 2) * weights).mean())
+    for k in range(actions.shape[2] - 1):
+        target = features.delta_target(now, states[:, :, k + 2]) / model.delta_scale
+        pred = model.member_deltas(now, prev, actions[:, :, k + 1], actions[:, :, k])
+        losses.append((((pred - target) ** 2) * weights).mean(dim=(1, 2)).sum())
         prev, now = now, features.apply_delta(now, pred * model.delta_scale)
-        err.append(((now[:, 2:4] - states[:, k + 2, 2:4]).norm(dim=-1) * (pusht.WORLD_SIZE / 2)).mean())
+        err.append(((now[..., 2:4] - states[:, :, k + 2, 2:4]).norm(dim=-1) * (pusht.WORLD_SIZE / 2)).mean())
     per_frame = torch.stack(losses)
-    return per_frame.mean(), per_frame.detach(), torch.stack(err).detach()
+    return per_frame.mean(), per_frame.detach() / states.shape[0], torch.stack(err).detach()
 
 
 @torch.no_grad()
