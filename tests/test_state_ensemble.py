@@ -4,13 +4,10 @@ charged by the planners' pessimistic objective."""
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from arcfab_gym.errors import StateMismatchError
