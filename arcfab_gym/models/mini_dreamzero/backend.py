@@ -58,9 +58,10 @@ from arcfab_gym.models.mini_dreamzero.features import (
 from arcfab_gym.models.mini_dreamzero.network import (
     DynamicsConfig,
     RendererConfig,
+    SharedPrefixCache,
     StateDynamics,
-    StateRenderer,
     StateDynamicsConfig,
+    StateRenderer,
     WorldTransformer,
     unpatchify,
 )
@@ -294,17 +295,32 @@ class MiniDreamZero(WorldModel):
 
     # --- batched generation -------------------------------------------------------------------
     def _gather(self, worlds: list[_World], *, max_frames: int | None, new_tokens: int):
-        """Caches of ``worlds`` stacked for one call: per layer (K, V) ``[2B, H, L, hd]``
-        (rows 2b, 2b+1 = world b's cond, uncond branch), cross (K, V) ``[2B, H, Lc, hd]``,
-        and an attention mask ``[2B, 1, 1, L + new_tokens]`` when windows differ in length."""
-        tf = self.net.cfg.tokens_per_frame
+        """Caches of ``worlds`` for one call: cross (K, V) ``[2B, H, Lc, hd]`` per layer,
+        and per layer either (K, V) ``[2B, H, L, hd]`` (rows 2b, 2b + 1 = world b's cond,
+        uncond branch) or, when the worlds' first cached frames are the same tensors
+        (forks of one state), a :class:`SharedPrefixCache` holding those once and only
+        each world's own frames stacked; and an attention mask over the stacked frames
+        and the new tokens ``[2B, 1, 1, L + new_tokens]`` when their lengths differ."""
         blocks = [w.blocks[max(0, len(w.blocks) - max_frames):] if max_frames else w.blocks
                   for w in worlds]  # fmt: skip
         cross = torch.stack([w.cross for w in worlds], dim=2).flatten(2, 3)  # [l, 2, 2B, H, Lc, hd]
         cross_kv = [(cross[i, 0], cross[i, 1]) for i in range(cross.shape[0])]
+        shared = _common_prefix(blocks) if len(worlds) > 1 else 0
+        caches, mask = self._stack_blocks(worlds, [bl[shared:] for bl in blocks], new_tokens)
+        if shared:
+            # [c, layers, 2 (k, v), 2 (branch), H, T_F, hd] -> [layers, 2, 2, H, c * T_F, hd]
+            pre = torch.stack(blocks[0][:shared]).permute(1, 2, 3, 4, 0, 5, 6).flatten(4, 5)
+            caches = [SharedPrefixCache(pre[i, 0], pre[i, 1], *(caches[i] if caches else (None, None)))
+                      for i in range(pre.shape[0])]  # fmt: skip
+        return caches, cross_kv, mask
+
+    def _stack_blocks(self, worlds: list[_World], blocks: list[list[torch.Tensor]], new_tokens: int):
+        """Each world's cache blocks stacked, left-padded to the longest: per layer (K, V)
+        ``[2B, H, L, hd]`` and the padding mask (None when no world has fewer)."""
+        tf = self.net.cfg.tokens_per_frame
         longest = max(len(b) for b in blocks)
         if longest == 0:
-            return None, cross_kv, None
+            return None, None
         layers, _, _, h, _, hd = worlds[0].blocks[-1].shape
         kv = torch.zeros(len(worlds), longest, layers, 2, 2, h, tf, hd)
         for b, bl in enumerate(blocks):
@@ -319,7 +335,7 @@ class MiniDreamZero(WorldModel):
             for b, bl in enumerate(blocks):
                 valid[b, : (longest - len(bl)) * tf] = False  # left padding
             mask = valid.repeat_interleave(2, dim=0)[:, None, None, :]
-        return caches, cross_kv, mask
+        return caches, mask
 
     def _step_worlds(self, worlds: list[_World], actions: np.ndarray, *, render: bool = True) -> None:
         with torch.no_grad():
@@ -802,6 +818,15 @@ class _World:
             self.chunks = self.chunks[:-1] + [torch.cat([self.chunks[-1], lat])]
         else:
             self.chunks = self.chunks + [lat]
+
+
+def _common_prefix(blocks: list[list[torch.Tensor]]) -> int:
+    """How many leading cache blocks every list holds as the very same tensors."""
+    first, n = blocks[0], min(len(b) for b in blocks)
+    c = 0
+    while c < n and all(b[c] is first[c] for b in blocks[1:]):
+        c += 1
+    return c
 
 
 def _finite(value, n: int, name: str, unit: str) -> np.ndarray:

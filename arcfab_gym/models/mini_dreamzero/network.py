@@ -312,6 +312,51 @@ class Rope(nn.Module):
         return out.flatten(-2)
 
 
+@dataclass(frozen=True)
+class SharedPrefixCache:
+    """One layer's self-attention cache for a batch of worlds whose first cached frames
+    are the same tensors (forks of one state): those keys / values once, ``[2, H, Lp, hd]``
+    (the conditional and unconditional branch), and each world's own later ones
+    ``[2B, H, Lr, hd]`` (rows 2b, 2b + 1 = world b's branches), or None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    rest_k: torch.Tensor | None = None
+    rest_v: torch.Tensor | None = None
+
+
+def _branch_major(x: torch.Tensor) -> torch.Tensor:
+    """``[2B, H, n, e]`` (rows 2b, 2b + 1 = world b's branches) -> ``[2, H, B, n, e]``."""
+    b2, h, n, e = x.shape
+    return x.view(b2 // 2, 2, h, n, e).permute(1, 2, 0, 3, 4)
+
+
+def shared_prefix_attention(q, k, v, cache: SharedPrefixCache, mask=None) -> torch.Tensor:
+    """Attention of queries ``q`` ``[2B, H, n, hd]`` over a shared prefix, each world's own
+    cached frames and its new keys ``k``, ``v``: softmax over all of them, as
+    ``scaled_dot_product_attention`` over the concatenated keys would give (to rounding).
+    The prefix is never copied per world: every world's queries meet it in one matmul
+    per branch and head, which is where a batch of forks spends its attention.
+    ``mask`` ``[2B, 1, 1, Lr + n]`` (True = attend) covers the worlds' own keys."""
+    b2, h, n, hd = q.shape
+    B, scale = b2 // 2, hd**-0.5
+    qb = _branch_major(q * scale)  # [2, H, B, n, hd]
+    lp = cache.k.shape[2]
+    s_pre = (qb.reshape(2, h, B * n, hd) @ cache.k.transpose(-1, -2)).view(2, h, B, n, lp)
+    own_k, own_v = k, v
+    if cache.rest_k is not None:
+        own_k, own_v = torch.cat([cache.rest_k, k], dim=2), torch.cat([cache.rest_v, v], dim=2)
+    s_own = qb @ _branch_major(own_k).transpose(-1, -2)  # [2, H, B, n, Lr + n]
+    if mask is not None:
+        s_own = s_own.masked_fill(~_branch_major(mask.expand(b2, 1, 1, own_k.shape[2])), float("-inf"))
+    top = torch.maximum(s_pre.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+    e_pre, e_own = s_pre.sub_(top).exp_(), s_own.sub_(top).exp_()  # in place: fresh tensors
+    out = (e_pre.view(2, h, B * n, lp) @ cache.v).view(2, h, B, n, hd)
+    out.add_(e_own @ _branch_major(own_v))
+    out.div_(e_pre.sum(-1, keepdim=True).add_(e_own.sum(-1, keepdim=True)))
+    return out.permute(2, 0, 1, 3, 4).reshape(b2, h, n, hd)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DynamicsConfig, rope: Rope):
         super().__init__()
@@ -343,19 +388,22 @@ class Block(nn.Module):
         x: torch.Tensor,  # [B, L, d]
         pos: torch.Tensor,  # [L] frame index of each token
         cross: tuple[torch.Tensor, torch.Tensor],  # [B, H, Lc, hd] x 2
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # [B, H, Lk, hd] x 2
-        mask: torch.Tensor | None = None,  # [L, Lk + L] bool, True = attend
+        cache: tuple[torch.Tensor, torch.Tensor] | SharedPrefixCache | None = None,  # [B, H, Lk, hd] x 2
+        mask: torch.Tensor | None = None,  # [B, 1, 1, Lk + L] bool, True = attend
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns the new hidden states and this pass's (roped) keys and values."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         q, k = self.rope(q, pos), self.rope(k, pos)
-        if cache is not None:
-            keys, values = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        if isinstance(cache, SharedPrefixCache):
+            att = shared_prefix_attention(q, k, v, cache, mask)
         else:
-            keys, values = k, v
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            if cache is not None:
+                keys, values = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            else:
+                keys, values = k, v
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
         qc = self._heads(self.q_cross(self.norm2(x)))
         att = F.scaled_dot_product_attention(qc, cross[0], cross[1])
