@@ -98,6 +98,9 @@ class TrainConfig:
     """Frames the state dynamics is unrolled over in training (its own predictions fed back)."""
     state_batch: int = 512
     """Windows per step of the state dynamics (per ensemble member)."""
+    state_readout: str = "mean"
+    """What the state follows with several members: their ``mean``, or the ``first``
+    (e.g. the one kept from ``init_from`` when the new ones only measure the doubt)."""
     state_members: int = 1
     """Ensemble members of the state dynamics. With ``init_from`` holding fewer, those are
     kept as they are (frozen) and the new ones trained from scratch beside them, each on
@@ -235,8 +238,8 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
 
     train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
     test = _state_arrays(load_npz(cfg.test_data, cfg.tiny))
-    scfg = (StateDynamicsConfig(hidden=32, layers=2, members=cfg.state_members) if cfg.tiny
-            else StateDynamicsConfig(members=cfg.state_members))
+    scfg = (StateDynamicsConfig(hidden=32, layers=2, members=cfg.state_members, readout=cfg.state_readout)
+            if cfg.tiny else StateDynamicsConfig(members=cfg.state_members, readout=cfg.state_readout))
     windows = with_rest_frame(train)
     st, act = windows["state"], windows["actions"]
     init_id, frozen = None, 0
@@ -253,7 +256,7 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
             scfg, model = init_cfg, init
         else:
             scfg = StateDynamicsConfig(hidden=init_cfg.hidden, layers=init_cfg.layers,
-                                       members=cfg.state_members)
+                                       members=cfg.state_members, readout=cfg.state_readout)
             model = StateDynamics(scfg)
             frozen = init_cfg.members
             with torch.no_grad():
@@ -529,12 +532,17 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
 
 
 def weights_id(out_dir: Path) -> str:
-    """The weights' identity: a digest of every weights file in ``out_dir``."""
+    """The weights' identity: a digest of every weights file in ``out_dir`` (and of an
+    ensemble's state-dynamics settings)."""
     digest = hashlib.sha256()
     for name in ("dynamics.safetensors", "vae.safetensors", "state_dynamics.safetensors",
                  "renderer.safetensors"):
         if (out_dir / name).exists():
             digest.update((out_dir / name).read_bytes())
+    config = out_dir / "config.json"
+    sd_cfg = json.loads(config.read_text()).get("state_dynamics", {}) if config.exists() else {}
+    if sd_cfg.get("members", 1) > 1:  # an ensemble's readout changes the states it makes
+        digest.update(json.dumps(sd_cfg, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

@@ -217,3 +217,18 @@ def test_disagreement_calibration_reads_rank_agreement():
     assert cal["spearman_vs_block_err"] == pytest.approx(1.0)
     assert cal["block_err_px_least_doubted_fifth"] < cal["block_err_px_most_doubted_fifth"]
     assert disagreement_calibration([0.0] * 12, list(x[:12]))["spearman_vs_block_err"] is None
+
+
+def test_the_state_may_follow_the_first_member():
+    """``readout='first'``: the state is member 0's (the others only measure the doubt),
+    and the disagreement is the same as with the mean readout."""
+    net = _random_ensemble(3)
+    x = _inputs()
+    mean_next, mean_spread = net.predict(*x)
+    net.cfg.readout = "first"
+    first_next, first_spread = net.predict(*x)
+    torch.testing.assert_close(first_next, features.apply_delta(x[0], net.member_deltas(*x)[0] * net.delta_scale))
+    torch.testing.assert_close(first_spread, mean_spread)
+    assert (first_next - mean_next).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="readout"):
+        StateDynamicsConfig(readout="median")

@@ -107,12 +107,17 @@ class StateDynamicsConfig:
     hidden: int = 512
     layers: int = 3
     members: int = 1
-    """Ensemble members: MLPs of the same shape beside one shared linear path. The state
-    follows their mean change; their spread is the step's disagreement (``predict``)."""
+    """Ensemble members: MLPs of the same shape beside one shared linear path. Their
+    spread is the step's disagreement (``predict``)."""
+    readout: str = "mean"
+    """What the state follows: the members' ``mean`` change, or the ``first`` member's
+    (when the others are weaker, trained only to measure the doubt)."""
 
     def __post_init__(self):
         if self.members < 1:
             raise ValueError(f"state dynamics needs at least one member, got {self.members}")
+        if self.readout not in ("mean", "first"):
+            raise ValueError(f"unknown state readout {self.readout!r}: mean or first")
 
 
 #: Pixels per radian when the T's angle spread enters the disagreement: about the T's
@@ -200,21 +205,22 @@ class StateDynamics(nn.Module):
                 h = F.silu(h)
         return h * self.mlp_mask + self.linear(x)
 
-    def _mean_next(self, now, deltas: torch.Tensor) -> torch.Tensor:
-        return features.apply_delta(now, deltas.mean(0) * self.delta_scale)
+    def _next(self, now, deltas: torch.Tensor) -> torch.Tensor:
+        delta = deltas[0] if self.cfg.readout == "first" else deltas.mean(0)
+        return features.apply_delta(now, delta * self.delta_scale)
 
     def forward(self, now: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
                 last_action: torch.Tensor) -> torch.Tensor:
         """States now and before ``[B, 6]``, the action ``[B, 2]`` and the one that led
-        to ``now`` ``[B, 2]`` -> the next state ``[B, 6]`` (the members' mean change)."""
-        return self._mean_next(now, self.member_deltas(now, prev, action, last_action))
+        to ``now`` ``[B, 2]`` -> the next state ``[B, 6]`` (``cfg.readout``)."""
+        return self._next(now, self.member_deltas(now, prev, action, last_action))
 
     def predict(self, now, prev, action, last_action) -> tuple[torch.Tensor, torch.Tensor]:
         """The next state ``[B, 6]`` and the members' disagreement about it ``[B]``: the
         standard deviation over members of the T's predicted position (px) plus that of
         its angle times ``ANGLE_PX_PER_RAD``; zero with one member."""
         deltas = self.member_deltas(now, prev, action, last_action)
-        nxt = self._mean_next(now, deltas)
+        nxt = self._next(now, deltas)
         if self.cfg.members == 1:
             return nxt, torch.zeros(nxt.shape[0])
         d = deltas * self.delta_scale  # [E, B, 5], the T's part in its own frame at `now`
