@@ -5,6 +5,8 @@ charged by the planners' pessimistic objective."""
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,41 @@ def test_the_state_may_follow_the_first_member():
     assert (first_next - mean_next).abs().max() > 1e-4
     with pytest.raises(ValueError, match="readout"):
         StateDynamicsConfig(readout="median")
+
+
+def test_training_adds_members_beside_the_frozen_ones(tmp_path):
+    """``stage=state state_members=3 init_from=<one member>``: member 0 comes back bit for
+    bit (also through weight decay), the new members are trained (their last layers,
+    which start at zero, moved), and the weights load in the backend as an ensemble."""
+    from experiments.collect import CollectConfig, collect_episode
+    from experiments.train_world_model import TrainConfig, train
+
+    ccfg = CollectConfig(frames=10, frame_size=64, action_repeat=4, seed=0)
+    eps = [collect_episode(ccfg, i) for i in range(4)]
+    data = {k: np.stack([ep[k] for ep in eps]) for k in eps[0]}
+    np.savez(tmp_path / "d.npz", **data)
+    threads = torch.get_num_threads()
+    common = dict(stage="state", tiny=True, minutes=None, max_steps=12, state_batch=8, threads=1,
+                  train_data=str(tmp_path / "d.npz"), test_data=str(tmp_path / "d.npz"), state_horizon=2)
+    try:
+        one = tmp_path / "one"
+        train(TrainConfig(**common, out_dir=str(one)), tmp_path / "run1")
+        three = tmp_path / "three"
+        train(TrainConfig(**common, out_dir=str(three), init_from=str(one), state_members=3,
+                          state_readout="first"), tmp_path / "run3")
+    finally:
+        torch.set_num_threads(threads)
+    from safetensors.torch import load_file
+
+    a = load_file(str(one / "state_dynamics.safetensors"))
+    b = load_file(str(three / "state_dynamics.safetensors"))
+    for k in a:
+        if k.startswith(("weight.", "bias.")):
+            assert b[k].shape[0] == 3
+            assert torch.equal(b[k][:1], a[k]), k
+        else:
+            assert torch.equal(b[k], a[k]), k
+    assert b["weight.2"][1:].abs().sum() > 0  # the new members' last layer left zero
+    meta = json.loads((three / "config.json").read_text())
+    assert meta["state_dynamics"] == {"hidden": 32, "layers": 2, "members": 3, "readout": "first"}
+    assert meta["weights_id"] != json.loads((one / "config.json").read_text())["weights_id"]
