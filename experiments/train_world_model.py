@@ -247,10 +247,8 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         # Continue from trained weights: their scales and linear path stay as they are;
         # members beyond theirs start from scratch, theirs stay frozen.
         init_meta = json.loads((Path(cfg.init_from) / "config.json").read_text())
-        init_cfg = StateDynamicsConfig(**init_meta["state_dynamics"])
-        init = StateDynamics(init_cfg)
-        sd = StateDynamics.upgrade_state_dict(load_file(str(Path(cfg.init_from) / "state_dynamics.safetensors")))
-        init.load_state_dict(sd)
+        init = StateDynamics.load(Path(cfg.init_from) / "state_dynamics.safetensors", init_meta["state_dynamics"])
+        init_cfg = init.cfg
         init_id = init_meta.get("weights_id")
         if cfg.state_members <= init_cfg.members:
             scfg, model = init_cfg, init
@@ -468,8 +466,7 @@ def train_dynamics(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> Wo
         else:
             delta_scale = float((z[:, 1:] - z[:, :-1]).std())
         dcfg = dataclasses.replace(dcfg, residual=cfg.residual, anchor=cfg.anchor, delta_scale=delta_scale)
-    state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
-    state_net.load_state_dict(StateDynamics.upgrade_state_dict(load_file(str(out_dir / "state_dynamics.safetensors"))))
+    state_net = StateDynamics.load(out_dir / "state_dynamics.safetensors", meta["state_dynamics"])
     state_net.eval()
     net = WorldTransformer(dcfg)
     if cfg.init_from is not None:

@@ -60,7 +60,6 @@ from arcfab_gym.models.mini_dreamzero.network import (
     RendererConfig,
     SharedPrefixCache,
     StateDynamics,
-    StateDynamicsConfig,
     StateRenderer,
     WorldTransformer,
     unpatchify,
@@ -122,8 +121,7 @@ class Weights:
                 "train them with `python -m experiments.train_world_model stage=state` and "
                 "`stage=dynamics state_map=true`"
             )
-        state_net = StateDynamics(StateDynamicsConfig(**meta["state_dynamics"]))
-        state_net.load_state_dict(StateDynamics.upgrade_state_dict(load_file(str(root / "state_dynamics.safetensors"))))
+        state_net = StateDynamics.load(root / "state_dynamics.safetensors", meta["state_dynamics"])
         renderer = None
         if net.cfg.anchor == "render":
             if "renderer" not in meta or not (root / "renderer.safetensors").exists():

@@ -164,6 +164,17 @@ class StateDynamics(nn.Module):
         mask[: features.DELTA_NAMES.index("d_agent_y") + 1] = 0.0
         self.register_buffer("mlp_mask", mask, persistent=False)
 
+    @classmethod
+    def load(cls, path, config: dict) -> StateDynamics:
+        """The state dynamics saved at ``path`` (a safetensors file, in the current or the
+        pre-ensemble layout) with the settings ``config`` (config.json's
+        ``state_dynamics``)."""
+        from safetensors.torch import load_file
+
+        model = cls(StateDynamicsConfig(**config))
+        model.load_state_dict(cls.upgrade_state_dict(load_file(str(path))))
+        return model
+
     @staticmethod
     def upgrade_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights saved before the ensemble (one ``nn.Sequential`` MLP: ``mlp.{2i}.weight``
