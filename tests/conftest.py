@@ -80,3 +80,20 @@ def tiny_model(tiny_weights_dir):
     model.start(pusht.DEFAULT_PROMPT, seed=0)
     yield model
     model.close()
+
+
+def solo_steps_matching(model, states, actions, next_states, outs):
+    """Step each of ``states`` alone (a spawned copy of ``model``) with its action and check
+    that the batched result -- ``next_states``, ``outs`` of ``model.step_batch`` -- gives
+    its last latent (within 1e-4) and reward; yields ``(state, next_state, solo)`` for the
+    caller's further checks."""
+    import numpy as np
+
+    for state, action, ns, out in zip(states, actions, next_states, outs):
+        solo = model.spawn()
+        solo.load_state(state)
+        want = solo.step(action)
+        got = ns.tensors[sorted(k for k in ns.tensors if k.startswith("latent_video/"))[-1]][-1]
+        np.testing.assert_allclose(got.numpy(), solo.latent(solo.frame_count - 1).numpy(), atol=1e-4)
+        assert out.reward == pytest.approx(want.reward, abs=1e-4)
+        yield state, ns, solo

@@ -20,7 +20,7 @@ from arcfab_gym.models.mini_dreamzero.backend import LATENT_CHUNK, MiniDreamZero
 from arcfab_gym.models.mini_dreamzero.vae import frames_to_tensor
 from arcfab_gym.tasks import pusht
 
-from conftest import TINY_WEIGHTS_ID, make_tiny_weights
+from conftest import TINY_WEIGHTS_ID, make_tiny_weights, solo_steps_matching
 
 P0 = pusht.DEFAULT_PROMPT
 P1 = pusht.PROMPTS[1]
@@ -679,13 +679,7 @@ def test_step_batch_matches_single_steps_across_window_lengths(tiny_weights_dir)
     states.append(other.extract_state())
     actions = acts(len(states), seed=4)
     next_states, outs = m.step_batch(states, actions)
-    for state, action, ns, out in zip(states, actions, next_states, outs):
-        solo = m.spawn()
-        solo.load_state(state)
-        want = solo.step(action)
-        got_latent = ns.tensors[sorted(k for k in ns.tensors if k.startswith("latent_video/"))[-1]][-1]
-        np.testing.assert_allclose(got_latent.numpy(), solo.latent(solo.frame_count - 1).numpy(), atol=1e-4)
-        assert out.reward == pytest.approx(want.reward, abs=1e-4)
+    for state, ns, solo in solo_steps_matching(m, states, actions, next_states, outs):
         assert bits(ns.tensors["rng_state"]) == bits(solo.extract_state().tensors["rng_state"])
         assert ns.meta["current_start_frame"] == state.meta["current_start_frame"] + 1
     # The input states are untouched and the model holds the last world.

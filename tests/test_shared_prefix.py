@@ -12,6 +12,7 @@ from arcfab_gym.models.mini_dreamzero import backend as mdz
 from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero
 from arcfab_gym.models.mini_dreamzero.network import SharedPrefixCache, shared_prefix_attention
 from arcfab_gym.tasks import pusht
+from conftest import solo_steps_matching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,13 +56,7 @@ def test_forks_sharing_frames_step_as_they_would_alone(tiny_weights_dir):
     assert mdz._common_prefix([w.blocks for w in worlds]) == 3  # the start frame and two steps
     actions = rng.uniform(-1, 1, (len(states), 2)).astype(np.float32)
     next_states, outs = m.step_batch(states, actions)
-    for state, action, ns, out in zip(states, actions, next_states, outs):
-        solo = m.spawn()
-        solo.load_state(state)
-        want = solo.step(action)
-        got = ns.tensors[sorted(k for k in ns.tensors if k.startswith("latent_video/"))[-1]][-1]
-        np.testing.assert_allclose(got.numpy(), solo.latent(solo.frame_count - 1).numpy(), atol=1e-4)
-        assert out.reward == pytest.approx(want.reward, abs=1e-4)
+    for _, ns, solo in solo_steps_matching(m, states, actions, next_states, outs):
         for key in ns.tensors:
             if key.startswith("kv_cache/"):
                 solo_block = solo.extract_state().tensors[key]
