@@ -314,18 +314,31 @@ def collect_episode(cfg: CollectConfig, index: int) -> dict[str, np.ndarray]:
 
 
 def _worker(args) -> dict[str, np.ndarray]:
-    return collect_episode(*args)
+    # One torch thread per episode, in a pool or not: workers side by side would
+    # oversubscribe the cores, and the same thread count makes the same bits either way.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return collect_episode(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def collect(cfg: CollectConfig) -> Path:
     jobs = [(cfg, i) for i in range(cfg.episodes)]
     episodes = []
-    with mp.get_context("spawn").Pool(cfg.workers) as pool, tqdm(
-        total=cfg.episodes, desc="collect", unit="ep"
-    ) as bar:
-        for ep in pool.imap(_worker, jobs, chunksize=4):
-            episodes.append(ep)
-            bar.update(1)
+    with tqdm(total=cfg.episodes, desc=f"collect {Path(cfg.out).stem}", unit="ep") as bar:
+        if cfg.workers <= 1:  # in this process: no start-up cost, same episodes
+            for job in jobs:
+                episodes.append(_worker(job))
+                bar.update(1)
+        else:
+            with mp.get_context("spawn").Pool(cfg.workers) as pool:
+                for ep in pool.imap(_worker, jobs, chunksize=4):
+                    episodes.append(ep)
+                    bar.update(1)
     data = {k: np.stack([ep[k] for ep in episodes]) for k in episodes[0]}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
