@@ -56,6 +56,10 @@ def audit(doc: dict[str, Any], *, margin: float = 1.0, step_margin: float = 0.05
             plan_gaps = [a - b for a, b in zip(ep["plan_promised_returns"], ep["plan_real_returns"])]
             row["plan_gap"] = sum(plan_gaps) / len(plan_gaps)
             row["over_promised_plans"] = sum(g > step_margin for g in plan_gaps) / len(plan_gaps)
+        if ep.get("plan_promised_final_coverage"):  # and in coverage, at each plan's end
+            cov_gaps = [a - b for a, b in zip(ep["plan_promised_final_coverage"],
+                                              ep["plan_real_final_coverage"])]
+            row["plan_final_coverage_gap"] = sum(cov_gaps) / len(cov_gaps)
         rows.append(row)
     n = len(rows)
     report = {
@@ -66,6 +70,8 @@ def audit(doc: dict[str, Any], *, margin: float = 1.0, step_margin: float = 0.05
     }  # fmt: skip
     if all("plan_gap" in r for r in rows):
         report["mean_plan_gap"] = sum(r["plan_gap"] for r in rows) / n
+    if all("plan_final_coverage_gap" in r for r in rows):
+        report["mean_plan_final_coverage_gap"] = sum(r["plan_final_coverage_gap"] for r in rows) / n
     return report
 
 
@@ -73,6 +79,8 @@ def format_audit(report: dict[str, Any]) -> str:
     plans = "mean_plan_gap" in report
     head = ["episode", "seed", "real return", "predicted return", "gap", "steps over-rated"]
     head += ["plan gap (mean)", "plans over-promised"] if plans else []
+    cov = "mean_plan_final_coverage_gap" in report
+    head += ["plan-end coverage gap"] if cov else []
     lines = [f"audit: {report['planner']} in {report['backend']}, {len(report['episodes'])} "
              f"episodes; flag = predicted - real return > {report['margin']}",
              "| " + " | ".join(head + ["flag"]) + " |", "|" + "---:|" * len(head) + "---|"]
@@ -82,11 +90,16 @@ def format_audit(report: dict[str, Any]) -> str:
                  f"{100 * r['over_rated_steps']:.0f} %"]
         if plans:
             cells += [f"{r['plan_gap']:+.3f}", f"{100 * r['over_promised_plans']:.0f} %"]
+        if cov:
+            cells += [f"{r['plan_final_coverage_gap']:+.3f}"]
         lines.append("| " + " | ".join(cells + ["FLAG" if r["flagged"] else ""]) + " |")
     tail = f"mean gap {report['mean_gap']:+.3f}; flagged {report['flagged']} of {len(report['episodes'])}"
     if plans:
         tail += (f"; each chosen plan promised {report['mean_plan_gap']:+.3f} more than the "
                  "real Push-T paid for it, on average")
+    if cov:
+        tail += (f"; the coverage it promised at its end was {report['mean_plan_final_coverage_gap']:+.3f} "
+                 "above the real one")
     lines.append(tail)
     return "\n".join(lines)
 

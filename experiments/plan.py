@@ -192,17 +192,24 @@ def sync(model, real: PushTSim, action: np.ndarray) -> StepOutput:
 
 
 def plan_returns(model, real: PushTSim, scratch: PushTSim,
-                 plan: np.ndarray) -> tuple[float, float]:
-    """What ``model`` promises for ``plan`` from its current state (summed reward) and what
-    the real Push-T pays for the same actions from the real state (on ``scratch``, a copy);
-    both left as they were. The model's sampling RNG travels with its state, so auditing
-    a plan changes nothing that follows."""
+                 plan: np.ndarray) -> tuple[float, float, float, float]:
+    """What ``model`` promises for ``plan`` from its current state and what the real
+    Push-T pays for the same actions from the real state (on ``scratch``, a copy): the
+    summed reward and the coverage after the plan's last action, each as (promised,
+    paid, promised coverage, paid coverage); both worlds left as they were. The model's
+    sampling RNG travels with its state, so auditing a plan changes nothing that follows."""
     root = model.extract_state()
-    promised = sum(float(model.step(a).reward) for a in plan)
+    promised, promised_cov = 0.0, 0.0
+    for a in plan:
+        out = model.step(a)
+        promised, promised_cov = promised + float(out.reward), float(out.info["coverage"])
     model.load_state(root)
     scratch.load_state(real.extract_state())
-    paid = sum(float(scratch.step(a).reward) for a in plan)
-    return promised, paid
+    paid, paid_cov = 0.0, 0.0
+    for a in plan:
+        out = scratch.step(a)
+        paid, paid_cov = paid + float(out.reward), float(out.info["coverage"])
+    return promised, paid, promised_cov, paid_cov
 
 
 def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out_dir: Path,
@@ -230,14 +237,15 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     rewards: list[float] = []  # real, per step
     predicted: list[float] = []  # the model's, for the same executed actions
     promised, paid = [], []  # per step: the whole chosen plan, in the model and for real
+    promised_cov, paid_cov = [], []  # and the coverage it ends with
     for t in range(cfg.experiment.max_steps):
         action = agent.act()
         plan_times.append(agent.stats.get("planning_seconds", 0.0))
         stats_log.append(dict(agent.stats))
         if cfg.audit_plans:
-            promise, pay = plan_returns(model, real, scratch, agent.plan)
-            promised.append(promise)
-            paid.append(pay)
+            for log, value in zip((promised, paid, promised_cov, paid_cov),
+                                  plan_returns(model, real, scratch, agent.plan)):
+                log.append(value)
         out = real.step(action)
         cov, success = out.info["coverage"], out.info["is_success"]
         writer.add_scalar(f"coverage/episode_{episode}", cov, t + 1)
@@ -263,8 +271,13 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
     if cfg.audit_plans:
         # The plan audit: each chosen plan's return as the model promised it vs as the
         # real world pays it, from the same state (the planner's own exploitation).
+        # And in coverage: what each plan promised the T's coverage would be at its end.
         result.update({"plan_promised_returns": promised, "plan_real_returns": paid,
-                       "plan_return_gap": statistics.mean(a - b for a, b in zip(promised, paid))})
+                       "plan_return_gap": statistics.mean(a - b for a, b in zip(promised, paid)),
+                       "plan_promised_final_coverage": promised_cov,
+                       "plan_real_final_coverage": paid_cov,
+                       "plan_final_coverage_gap": statistics.mean(
+                           a - b for a, b in zip(promised_cov, paid_cov))})  # fmt: skip
     for key in ("root_visits", "depth", "q_spread"):
         vals = [s[key] for s in stats_log if key in s]
         if vals:

@@ -148,6 +148,8 @@ def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tm
     # and every chosen plan is paid exactly what it promised.
     assert ep["predicted_rewards"] == ep["rewards"] and ep["return_gap"] == 0.0
     assert ep["plan_promised_returns"] == ep["plan_real_returns"] and ep["plan_return_gap"] == 0.0
+    assert ep["plan_promised_final_coverage"] == ep["plan_real_final_coverage"]
+    assert ep["plan_final_coverage_gap"] == 0.0
     report = audit(load_run(tmp_path / "sim"), margin=0.0)
     assert report["flagged"] == 0 and report["mean_gap"] == 0.0 and report["mean_plan_gap"] == 0.0
 
@@ -165,6 +167,11 @@ def test_audit_finds_no_gap_in_the_exact_simulator_and_a_gap_in_a_wrong_model(tm
     assert ep["plan_promised_returns"] != ep["plan_real_returns"]
     assert report["mean_plan_gap"] == pytest.approx(ep["plan_return_gap"])
     assert "plan gap (mean)" in text and f"{ep['plan_return_gap']:+.3f}" in text
+    # The coverage at each plan's end: the model's against the real world's.
+    cov_gap = np.mean(np.subtract(ep["plan_promised_final_coverage"], ep["plan_real_final_coverage"]))
+    assert ep["plan_final_coverage_gap"] == pytest.approx(cov_gap)
+    assert report["mean_plan_final_coverage_gap"] == pytest.approx(cov_gap)
+    assert "plan-end coverage gap" in text and f"{cov_gap:+.3f}" in text
 
     with pytest.raises(FileNotFoundError, match="no results.json or audit.json"):
         load_run(tmp_path / "nowhere")
