@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.arcfab-installed
 
-.PHONY: setup plan demo serve test test-all bench clean
+.PHONY: setup plan demo serve world-model test test-all bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ plan: setup
 
 demo: setup
 	$(BIN)/python -m experiments.demo
+
+# mini-dreamzero from nothing: data, every network, DAgger, fidelity (~85 min on 2 cores).
+world-model: setup
+	$(BIN)/python -m experiments.build_world_model
 
 # The web service and tree explorer on http://127.0.0.1:8000/ (ARCFAB_TOKEN to require a token).
 serve: setup
