@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from experiments.collect import CollectConfig, collect
-from experiments.train_world_model import TrainConfig, train, weights_id
+from experiments.train_world_model import TrainConfig, train, weights_id, write_json
 
 
 @dataclass
@@ -153,32 +153,27 @@ class Build:
         self.record["minutes"] = round((time.perf_counter() - self.t0) / 60, 2)
         self.writer.add_scalar("build/phase_minutes", minutes, i)
         self.writer.add_scalar("build/elapsed_minutes", self.record["minutes"], i)
-        _write_json(self.root / "build.json", self.record)
+        write_json(self.root / "build.json", self.record)
 
     # --- data -------------------------------------------------------------------------
     def data(self, name: str) -> Path:
         return self.data_dir / f"{name}.npz"
 
-    def collect(self, name: str, made_by: str | None = None, dagger_round: int = 0,
-                **extra) -> dict:
-        """Collect one data set (``made_by``: the weights its planner imagines with,
-        part of the settings a reused file must match)."""
+    def collect(self, name: str, episodes: int, made_by: str | None = None, **settings) -> dict:
+        """Collect one data set with ``experiments.collect``'s ``settings`` (``made_by``:
+        the weights its planner imagines with, part of what a reused file must match)."""
         cfg = self.cfg
-        settings = dict(_DATA["dagger" if dagger_round else name])
-        episodes = getattr(cfg.episodes, name) if not dagger_round else cfg.episodes.dagger[dagger_round - 1]
-        if dagger_round:
-            settings["seed"] += 1000 * (dagger_round - 1)
         ccfg = CollectConfig(episodes=episodes, frames=cfg.frames, workers=cfg.workers,
-                             out=str(self.data(name)), **settings, **extra)  # fmt: skip
-        settings = self.data_dir / f"{name}.json"
+                             out=str(self.data(name)), **settings)  # fmt: skip
+        recorded = self.data_dir / f"{name}.json"
         wanted = json.dumps({**asdict(ccfg), "made_by": made_by}, sort_keys=True)
-        if cfg.reuse_data and self.data(name).exists() and settings.exists() \
-                and settings.read_text() == wanted:
-            return {"episodes": ccfg.episodes, "reused": True}
-        settings.unlink(missing_ok=True)  # written only once its data file is complete
+        if cfg.reuse_data and self.data(name).exists() and recorded.exists() \
+                and recorded.read_text() == wanted:
+            return {"episodes": episodes, "reused": True}
+        recorded.unlink(missing_ok=True)  # written only once its data file is complete
         collect(ccfg)
-        settings.write_text(wanted)
-        return {"episodes": ccfg.episodes, "reused": False}
+        recorded.write_text(wanted)
+        return {"episodes": episodes, "reused": False}
 
     # --- training ---------------------------------------------------------------------
     def train(self, stage: str, steps: int, train_data, run_name: str | None = None,
@@ -197,7 +192,8 @@ class Build:
     def run(self) -> dict:
         cfg = self.cfg
         for name in ("train", "jumps", "near_goal", "planner", "test"):
-            self.phase(f"collect {name}", lambda n=name: self.collect(n))
+            self.phase(f"collect {name}", lambda n=name: self.collect(
+                n, getattr(cfg.episodes, n), **_DATA[n]))
         planner = [self.data("planner")] * cfg.planner_copies
         base = [self.data("train"), self.data("jumps"), self.data("near_goal"), *planner]
         self.phase("train vae", lambda: self.train("vae", cfg.steps.vae, [self.data("train")]))
@@ -208,11 +204,12 @@ class Build:
         self.phase("train dynamics", lambda: self.train("dynamics", cfg.steps.dynamics,
                                                         [self.data("train")]))
         dagger: list[Path] = []
-        for k in range(1, len(cfg.episodes.dagger) + 1):
+        for k, episodes in enumerate(cfg.episodes.dagger, 1):
             name = "dagger" if k == 1 else f"dagger{k}"
-            self.phase(f"collect {name}", lambda n=name, k=k: self.collect(
-                n, made_by=self.weights_id(), dagger_round=k, planner_samples=cfg.dagger_samples,
-                planner_model=str(self.weights)))
+            settings = {**_DATA["dagger"], "seed": _DATA["dagger"]["seed"] + 1000 * (k - 1),
+                        "planner_samples": cfg.dagger_samples, "planner_model": str(self.weights)}
+            self.phase(f"collect {name}", lambda n=name, e=episodes, s=settings: self.collect(
+                n, e, made_by=self.weights_id(), **s))
             dagger += [self.data(name)] * cfg.planner_copies
             self.phase(f"fine-tune state on {name}", lambda n=name, d=list(dagger): self.train(
                 "state", cfg.steps.state_dagger, [*base, *d], init_from=str(self.weights),
@@ -229,18 +226,11 @@ class Build:
         metrics = evaluate(EvalConfig(weights_dir=str(self.weights), test_data=str(self.data("test")),
                                       episodes=cfg.eval_episodes, horizons=list(cfg.eval_horizons),
                                       threads=cfg.threads, out_dir=str(self.root / "eval")))  # fmt: skip
-        k = {int(h) for h in metrics["horizons"]}
         summary = {f"{key}/k{h}": metrics["horizons"][str(h)][key]
-                   for h in sorted(k) for key in ("block_pos_err_px", "block_angle_err_rad",
+                   for h in sorted(int(h) for h in metrics["horizons"]) for key in ("block_pos_err_px", "block_angle_err_rad",
                                                   "agent_pos_err_px", "frame_state_iou",
                                                   "psnr_anchored")}  # fmt: skip
         return {"fidelity": summary, "seconds": metrics["seconds"]}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def build(cfg: BuildConfig | dict) -> dict:

@@ -24,6 +24,7 @@ pushes that go wrong). One model frame holds the action for ``action_repeat`` co
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,16 +330,12 @@ def _worker(args) -> dict[str, np.ndarray]:
 def collect(cfg: CollectConfig) -> Path:
     jobs = [(cfg, i) for i in range(cfg.episodes)]
     episodes = []
-    with tqdm(total=cfg.episodes, desc=f"collect {Path(cfg.out).stem}", unit="ep") as bar:
-        if cfg.workers <= 1:  # in this process: no start-up cost, same episodes
-            for job in jobs:
-                episodes.append(_worker(job))
-                bar.update(1)
-        else:
-            with mp.get_context("spawn").Pool(cfg.workers) as pool:
-                for ep in pool.imap(_worker, jobs, chunksize=4):
-                    episodes.append(ep)
-                    bar.update(1)
+    # One worker runs in this process: no start-up cost, the same episodes.
+    pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else contextlib.nullcontext()
+    with pool, tqdm(total=cfg.episodes, desc=f"collect {Path(cfg.out).stem}", unit="ep") as bar:
+        for ep in pool.imap(_worker, jobs, chunksize=4) if cfg.workers > 1 else map(_worker, jobs):
+            episodes.append(ep)
+            bar.update(1)
     data = {k: np.stack([ep[k] for ep in episodes]) for k in episodes[0]}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

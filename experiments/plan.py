@@ -198,17 +198,15 @@ def plan_returns(model, real: PushTSim, scratch: PushTSim,
     summed reward and the coverage after the plan's last action, each as (promised,
     paid, promised coverage, paid coverage); both worlds left as they were. The model's
     sampling RNG travels with its state, so auditing a plan changes nothing that follows."""
+    def follow(world) -> tuple[float, float]:  # summed reward, coverage after the last action
+        outs = [world.step(a) for a in plan]
+        return sum(float(o.reward) for o in outs), float(outs[-1].info["coverage"]) if outs else 0.0
+
     root = model.extract_state()
-    promised, promised_cov = 0.0, 0.0
-    for a in plan:
-        out = model.step(a)
-        promised, promised_cov = promised + float(out.reward), float(out.info["coverage"])
+    promised, promised_cov = follow(model)
     model.load_state(root)
     scratch.load_state(real.extract_state())
-    paid, paid_cov = 0.0, 0.0
-    for a in plan:
-        out = scratch.step(a)
-        paid, paid_cov = paid + float(out.reward), float(out.info["coverage"])
+    paid, paid_cov = follow(scratch)
     return promised, paid, promised_cov, paid_cov
 
 

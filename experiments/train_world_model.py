@@ -543,13 +543,18 @@ def weights_id(out_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file: never half written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
 def _update_config(out_dir: Path, values: dict) -> None:
     path = out_dir / "config.json"
     meta = json.loads(path.read_text()) if path.exists() else {}
     meta.update(values)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(path)
+    write_json(path, meta)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
