@@ -120,6 +120,13 @@ class MPCConfig:
     """Objective charged per px of the backend's disagreement about a step
     (``info["disagreement"]``: a state-dynamics ensemble's spread; planners.world.Pessimistic).
     0 = trust the model's mean."""
+    hypotheses: int = 1
+    """CEM / iCEM / MPPI: score each sequence under this many of the model's hypotheses
+    about its dynamics (its ensemble members, each rolling out its own future: PETS'
+    trajectory sampling) by their mean return less ``risk`` times its spread; 1 = the
+    model's readout alone. Costs ``hypotheses`` times the rollouts."""
+    risk: float = 0.0
+    """With ``hypotheses > 1``: the charge per standard deviation of the members' returns."""
     record_tree: bool = True
     """Record every expanded node in the trajectory tree."""
     actions: str = "absolute"
@@ -218,6 +225,14 @@ class MPCAgent:
                              f"{', '.join(OBJECTIVES)} or goal")
         if not np.isfinite(cfg.pessimism) or cfg.pessimism < 0:
             raise ValueError(f"pessimism must be finite and >= 0, got {cfg.pessimism}")
+        if int(cfg.hypotheses) != cfg.hypotheses or not 1 <= cfg.hypotheses <= model.hypotheses:
+            raise ValueError(f"hypotheses must be a whole number in 1..{model.hypotheses} "
+                             f"({model.name} holds {model.hypotheses}), got {cfg.hypotheses}")
+        if cfg.hypotheses > 1 and cfg.planner not in SEQUENCE_PLANNERS:
+            raise ValueError(f"hypotheses={cfg.hypotheses} is for the sequence planners "
+                             f"({', '.join(SEQUENCE_PLANNERS)}), not {cfg.planner}")
+        if not np.isfinite(cfg.risk) or cfg.risk < 0:
+            raise ValueError(f"risk must be finite and >= 0, got {cfg.risk}")
         if cfg.actions not in ("absolute", "relative"):
             raise ValueError(f"unknown actions {cfg.actions!r}: absolute or relative")
         self.action_map = relative_action_map(cfg.relative_px) if cfg.actions == "relative" else None
@@ -266,7 +281,8 @@ class MPCAgent:
             action = self._plan_sequence(root_obs, sequence_evaluator(
                 self.model, root, objective=self.objective, discount=self.cfg.discount,
                 action_map=self.action_map, root_observation=root_obs,
-                render=getattr(self.objective, "reads_frames", False)))
+                render=getattr(self.objective, "reads_frames", False),
+                hypotheses=self.cfg.hypotheses, risk=self.cfg.risk))
         else:
             action = self._search(root)
         self.model.load_state(root)

@@ -45,6 +45,7 @@ from arcfab_gym.tasks import pusht
 from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
 from planners.cem import CEMConfig
 from planners.icem import ICEMConfig, MPPIConfig
+from planners.world import hypothesis_roots
 
 
 @dataclass
@@ -84,6 +85,11 @@ class PlannerConfig:
     pessimism: float = 0.0
     """Objective charged per px of the model's own disagreement about a step (its
     state-dynamics ensemble's spread); 0 = plan on the ensemble's mean alone."""
+    hypotheses: int = 1
+    """CEM / iCEM / MPPI: score each sequence by its mean return under this many of the
+    model's ensemble members, each rolling out its own future (trajectory sampling)."""
+    risk: float = 0.0
+    """With hypotheses > 1: charge per standard deviation of the members' returns."""
     step_px: float = 40.0
     """MCTS move size (px)."""
     actions: str = "absolute"
@@ -191,19 +197,25 @@ def sync(model, real: PushTSim, action: np.ndarray) -> StepOutput:
     return predicted
 
 
-def plan_returns(model, real: PushTSim, scratch: PushTSim,
-                 plan: np.ndarray) -> tuple[float, float, float, float]:
+def plan_returns(model, real: PushTSim, scratch: PushTSim, plan: np.ndarray, *,
+                 hypotheses: int = 1) -> tuple[float, float, float, float]:
     """What ``model`` promises for ``plan`` from its current state and what the real
     Push-T pays for the same actions from the real state (on ``scratch``, a copy): the
     summed reward and the coverage after the plan's last action, each as (promised,
-    paid, promised coverage, paid coverage); both worlds left as they were. The model's
-    sampling RNG travels with its state, so auditing a plan changes nothing that follows."""
+    paid, promised coverage, paid coverage); both worlds left as they were. With
+    ``hypotheses > 1`` the promise is the mean over the model's first ``hypotheses``
+    hypotheses, as the planner scored it. The model's sampling RNG travels with its
+    state, so auditing a plan changes nothing that follows."""
     def follow(world) -> tuple[float, float]:  # summed reward, coverage after the last action
         outs = [world.step(a) for a in plan]
         return sum(float(o.reward) for o in outs), float(outs[-1].info["coverage"]) if outs else 0.0
 
     root = model.extract_state()
-    promised, promised_cov = follow(model)
+    promises = []
+    for state in hypothesis_roots(model, root, hypotheses):
+        model.load_state(state)
+        promises.append(follow(model))
+    promised, promised_cov = np.mean(promises, axis=0).tolist()
     model.load_state(root)
     scratch.load_state(real.extract_state())
     paid, paid_cov = follow(scratch)
@@ -242,7 +254,8 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         stats_log.append(dict(agent.stats))
         if cfg.audit_plans:
             for log, value in zip((promised, paid, promised_cov, paid_cov),
-                                  plan_returns(model, real, scratch, agent.plan)):
+                                  plan_returns(model, real, scratch, agent.plan,
+                                               hypotheses=p.hypotheses)):
                 log.append(value)
         out = real.step(action)
         cov, success = out.info["coverage"], out.info["is_success"]

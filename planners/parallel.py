@@ -48,10 +48,12 @@ def _release(model: WorldModel, host: WorldHost, sids: Sequence[int]) -> None:
 
 def _evaluate_chunk(model: WorldModel, host: WorldHost, root_sid: int, seqs: np.ndarray,
                     objective: Objective, discount: float, action_map=None,
-                    root_observation=None, render: bool = True) -> np.ndarray:
+                    root_observation=None, render: bool = True, hypotheses: int = 1,
+                    risk: float = 0.0) -> np.ndarray:
     evaluate = sequence_evaluator(model, host.state(root_sid), objective=objective,
                                   discount=discount, action_map=action_map,
-                                  root_observation=root_observation, render=render)  # fmt: skip
+                                  root_observation=root_observation, render=render,
+                                  hypotheses=hypotheses, risk=risk)  # fmt: skip
     return evaluate(seqs)
 
 
@@ -272,15 +274,19 @@ class WorkerPool:
     # --- CEM / MPPI ---------------------------------------------------------------------
     def sequence_evaluator(self, *, objective: Objective = reward_objective,
                            discount: float = 1.0, action_map=None, root_observation=None,
-                           render: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+                           render: bool = True, hypotheses: int = 1,
+                           risk: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
         """``evaluate(actions [N, H, A]) -> returns [N]`` from the root (see
-        :meth:`set_root`), the ``N`` sequences split into one contiguous chunk per worker."""
+        :meth:`set_root`), the ``N`` sequences split into one contiguous chunk per worker;
+        ``hypotheses`` and ``risk`` as in :func:`planners.world.sequence_evaluator` (each
+        worker scores its chunk under every hypothesis)."""
 
         def evaluate(seqs: np.ndarray) -> np.ndarray:
             seqs = np.asarray(seqs, dtype=np.float32)
             chunks = [c for c in np.array_split(seqs, len(self.workers)) if len(c)]
             parts = self._map([(_evaluate_chunk, (c, objective, discount, action_map,
-                                                   root_observation, render)) for c in chunks])
+                                                   root_observation, render, hypotheses, risk))
+                               for c in chunks])
             return np.concatenate(parts)
 
         return evaluate

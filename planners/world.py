@@ -132,6 +132,27 @@ def rollout_returns(
     return returns, outs
 
 
+def hypothesis_roots(model: WorldModel, root: ModelState, hypotheses: int) -> list[ModelState]:
+    """``[root]`` for one hypothesis, else ``root`` under each of the model's first
+    ``hypotheses`` (:meth:`WorldModel.assume`); a clear error when it holds fewer."""
+    if int(hypotheses) != hypotheses or hypotheses < 1:
+        raise ValueError(f"hypotheses must be a whole number >= 1, got {hypotheses}")
+    if hypotheses == 1:
+        return [root]
+    if hypotheses > model.hypotheses:
+        raise ValueError(f"hypotheses={hypotheses}, but {model.name} holds "
+                         f"{model.hypotheses} (its ensemble members)")
+    return [model.assume(root, k) for k in range(int(hypotheses))]
+
+
+def hedged(returns: np.ndarray, risk: float) -> np.ndarray:
+    """Per column of ``returns [K, N]`` (one row per hypothesis): the mean less ``risk``
+    times the standard deviation; a single row passes unchanged."""
+    if len(returns) == 1:
+        return returns[0]
+    return returns.mean(0) - risk * returns.std(0)
+
+
 def sequence_evaluator(
     model: WorldModel,
     root: ModelState,
@@ -142,8 +163,17 @@ def sequence_evaluator(
     action_map: ActionMap | None = None,
     root_observation: dict[str, np.ndarray] | None = None,
     render: bool = True,
+    hypotheses: int = 1,
+    risk: float = 0.0,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``evaluate(actions [N, H, A]) -> returns [N]`` by forking ``root`` N times.
+
+    ``hypotheses = K > 1`` scores each sequence under the first ``K`` of the model's
+    hypotheses about its dynamics (``model.assume``: an ensemble's members, each rolling
+    out its own future -- PETS' trajectory sampling) by the mean of the ``K`` returns less
+    ``risk`` times their standard deviation, all ``N * K`` rollouts in one batch. A
+    planner then picks the sequence most members believe in, not the one a single
+    network is most wrong about (the winner's curse); ``K = 1`` is the model's readout.
 
     A terminal step ends the episode in an absorbing state: its objective value is counted
     for every step after it, forever (``v * discount**h / (1 - discount)`` in all), so
@@ -159,16 +189,21 @@ def sequence_evaluator(
     """
     if action_map is not None and root_observation is None:
         raise ValueError("action_map needs root_observation (the observation at the root)")
+    roots = hypothesis_roots(model, root, hypotheses)
+    if not np.isfinite(risk) or risk < 0:
+        raise ValueError(f"risk must be finite and >= 0, got {risk}")
 
     def evaluate(seqs: np.ndarray) -> np.ndarray:
         seqs = np.asarray(seqs, dtype=np.float32)
-        returns, outs = rollout_returns(model, [root] * len(seqs), seqs, objective=objective,
-                                        discount=discount, action_map=action_map,
-                                        observations=[root_observation] * len(seqs),
-                                        render=render)
+        n, k = len(seqs), len(roots)
+        tiled = np.concatenate([seqs] * k) if k > 1 else seqs  # hypothesis-major
+        returns, outs = rollout_returns(model, [r for r in roots for _ in range(n)], tiled,
+                                        objective=objective, discount=discount,
+                                        action_map=action_map,
+                                        observations=[root_observation] * (n * k), render=render)
         if on_rollout is not None:
-            on_rollout(seqs, outs)
-        return returns
+            on_rollout(tiled, outs)
+        return hedged(returns.reshape(k, n), risk)
 
     return evaluate
 

@@ -123,6 +123,24 @@ class WorldModel(abc.ABC):
     def set_seed(self, seed: int) -> None:
         """Re-seed the sampling RNG from here on (history is kept)."""
 
+    # --- hypotheses about its own dynamics -----------------------------------------------
+    @property
+    def hypotheses(self) -> int:
+        """How many hypotheses about its dynamics the model holds (a learned model's
+        ensemble members; 1 for one network or a simulator). See :meth:`assume`."""
+        return 1
+
+    def assume(self, state: ModelState, hypothesis: int | None) -> ModelState:
+        """``state`` with everything it does from now on decided by hypothesis
+        ``hypothesis`` alone (``0 .. hypotheses - 1``; None: the model's usual readout),
+        its history unchanged: a rollout from each such state is one member's future,
+        the "trajectory sampling" of PETS (Chua et al., 2018). A model with one
+        hypothesis returns the state as it is."""
+        if hypothesis is not None and not 0 <= int(hypothesis) < self.hypotheses:
+            raise ValueError(f"hypothesis {hypothesis} is outside 0..{self.hypotheses - 1} "
+                             f"({self.name} holds {self.hypotheses})")
+        return state
+
     # --- introspection ------------------------------------------------------------------
     @property
     @abc.abstractmethod

@@ -344,7 +344,10 @@ class MiniDreamZero(WorldModel):
             prev = torch.from_numpy(np.stack([w.task[max(w.n - 2, 0)] for w in worlds]))
             last = torch.from_numpy(np.stack([w.acts[w.n - 1] for w in worlds]))
             # The state token, predicted, and the ensemble's disagreement about it.
-            nxt, spread = self.weights.state_net.predict(now, prev, acts, last)
+            members = None
+            if any(w.hypothesis is not None for w in worlds):
+                members = torch.tensor([-1 if w.hypothesis is None else w.hypothesis for w in worlds])
+            nxt, spread = self.weights.state_net.predict(now, prev, acts, last, members=members)
             self._record(worlds, nxt.numpy(), acts.numpy(), real=False, disagreement=spread.numpy())
             if render:
                 self._write_video(worlds, self._generate(worlds, acts, now, prev, nxt), nxt.numpy())
@@ -552,6 +555,8 @@ class MiniDreamZero(WorldModel):
             "num_frame_per_block": c.num_frame_per_block,
             "weights": self.weights.meta.get("weights_id", ""),
         }
+        if w.hypothesis is not None:  # absent in the usual readout: older states read as it
+            meta["hypothesis"] = w.hypothesis
         return ModelState(tensors=tensors, meta=meta)
 
     def extract_state(self) -> ModelState:
@@ -609,7 +614,28 @@ class MiniDreamZero(WorldModel):
                 f"rendered_frames ({w.rendered}) must be in [1, {n}] and equal the latent "
                 f"video's frames ({latents})")
         w.proposal = t["proposal"]
+        hypothesis = meta.get("hypothesis")
+        if hypothesis is not None and not (isinstance(hypothesis, int) and 0 <= hypothesis < self.hypotheses):
+            raise StateMismatchError(f"state is stepped by hypothesis {hypothesis!r}, these weights "
+                                     f"hold {self.hypotheses} (0..{self.hypotheses - 1})")
+        w.hypothesis = hypothesis
         return w
+
+    @property
+    def hypotheses(self) -> int:
+        """The state dynamics' ensemble members."""
+        return self.weights.state_net.cfg.members
+
+    def assume(self, state: ModelState, hypothesis: int | None) -> ModelState:
+        """``state`` stepped from now on by ensemble member ``hypothesis`` alone (its
+        state token follows that member's prediction; None: the weights' readout). The
+        history, tensors and RNG are shared, not copied; only the meta changes."""
+        super().assume(state, hypothesis)
+        self._world_from_state(state, include_rng=False)  # a state of these weights
+        meta = {k: v for k, v in state.meta.items() if k != "hypothesis"}
+        if hypothesis is not None:
+            meta["hypothesis"] = int(hypothesis)
+        return ModelState(tensors=state.tensors, meta=meta)
 
     def load_state(self, state: ModelState, *, include_rng: bool = True) -> None:
         # The language key comes with the state: a restored state never trips the reset
@@ -792,6 +818,7 @@ class _World:
         self.n = 0  # frames in the history (task state, action, record)
         self.rendered = 0  # frames whose latent and cache block exist (the rest pending)
         self.proposal: torch.Tensor | None = None  # [n_mixture, 5] of the current frame
+        self.hypothesis: int | None = None  # the ensemble member stepping it (None: the readout)
 
     def set_frames(self, task: np.ndarray, acts: np.ndarray, rows: np.ndarray) -> None:
         self.task = np.array(task, dtype=np.float32, copy=True)  # owned, never shared

@@ -226,12 +226,20 @@ class StateDynamics(nn.Module):
         to ``now`` ``[B, 2]`` -> the next state ``[B, 6]`` (``cfg.readout``)."""
         return self._next(now, self.member_deltas(now, prev, action, last_action))
 
-    def predict(self, now, prev, action, last_action) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, now, prev, action, last_action, *,
+                members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next state ``[B, 6]`` and the members' disagreement about it ``[B]``: the
         standard deviation over members of the T's predicted position (px) plus that of
-        its angle times ``ANGLE_PX_PER_RAD``; zero with one member."""
+        its angle times ``ANGLE_PX_PER_RAD``; zero with one member. ``members`` ``[B]``
+        (int64) picks the member each row's state follows (-1: ``cfg.readout``)."""
         deltas = self.member_deltas(now, prev, action, last_action)
         nxt = self._next(now, deltas)
+        if members is not None:
+            rows = members >= 0
+            if rows.any():
+                own = deltas[members.clamp(min=0), torch.arange(len(members))]  # [B, 5]
+                picked = features.apply_delta(now, own * self.delta_scale)
+                nxt = torch.where(rows[:, None], picked, nxt)
         if self.cfg.members == 1:
             return nxt, torch.zeros(nxt.shape[0])
         d = deltas * self.delta_scale  # [E, B, 5], the T's part in its own frame at `now`
