@@ -343,6 +343,8 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
         "mean_return_gap": statistics.mean(r["return_gap"] for r in results),
         "mean_plan_return_gap": (statistics.mean(r["plan_return_gap"] for r in results)
                                  if cfg.audit_plans else None),
+        "mean_plan_final_coverage_gap": (statistics.mean(r["plan_final_coverage_gap"] for r in results)
+                                         if cfg.audit_plans else None),
         "wall_seconds": time.perf_counter() - t0,
         "actors": cfg.parallel.actors,
     }  # fmt: skip

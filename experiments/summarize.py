@@ -54,9 +54,17 @@ def _budget(planner_name: str, planner: dict[str, Any]) -> str:
     if not planner:
         return ""
     if planner_name in ("mcts", "gumbel"):
-        return f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
+        budget = f"{planner.get('num_simulations')} sims, depth {planner.get('max_depth')}"
+        if planner.get("widening_c", 0) > 0:  # configs/planner/mcts_pw.yaml
+            budget += f", widening {planner['widening_c']:g}N^{planner.get('widening_alpha', 0.5):g}"
+        return budget
     if planner_name in ("cem", "icem", "mppi"):
-        return f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
+        budget = f"{planner.get('num_samples')}x{planner.get('horizon')}x{planner.get('iterations')}"
+        if planner.get("hypotheses", 1) > 1:
+            budget += f", {planner['hypotheses']} members"
+            if planner.get("risk", 0) > 0:
+                budget += f", risk {planner['risk']:g}"
+        return budget
     return ""
 
 

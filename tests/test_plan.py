@@ -126,6 +126,17 @@ def test_plan_app_runs_in_a_subprocess_and_as_a_joblib_multirun(tmp_path):
     assert all("pusht-sim" in line and "/1)" in line for line in table[2:])
 
 
+def test_summarize_names_the_budget_with_widening_and_members():
+    from experiments.summarize import _budget
+
+    assert _budget("mcts", {"num_simulations": 32, "max_depth": 4}) == "32 sims, depth 4"
+    assert _budget("mcts", {"num_simulations": 128, "max_depth": 8, "widening_c": 2.0,
+                            "widening_alpha": 0.5}) == "128 sims, depth 8, widening 2N^0.5"
+    icem = {"num_samples": 64, "horizon": 8, "iterations": 3}
+    assert _budget("icem", icem) == "64x8x3"
+    assert _budget("icem", {**icem, "hypotheses": 5, "risk": 0.5}) == "64x8x3, 5 members, risk 0.5"
+
+
 def test_summarize_names_what_it_cannot_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run"):
         summarize([str(tmp_path / "missing")])
