@@ -196,6 +196,28 @@ def test_step_batch_equals_a_loop(name):
         assert_same_state(x, y)
 
 
+def test_every_hypothesis_is_a_deterministic_future_and_none_is_the_readout(name):
+    """``assume``: each of a backend's hypotheses steps a state to the same bits every
+    time (also after a snapshot file), None is the usual future, and one outside the
+    range is refused by name."""
+    model = make(name)
+    acts = random_actions(6, seed=3, dim=model.action_dim)
+    model.start(model.prompts[0], seed=2)
+    rollout(model, acts[:2])
+    root = model.extract_state()
+    expected = rollout(model, acts[2:])
+    model.load_state(model.assume(root, None))
+    assert_same_outputs(rollout(model, acts[2:]), expected)
+    assert model.hypotheses >= 1
+    for k in range(model.hypotheses):
+        model.load_state(model.assume(root, k))
+        first = rollout(model, acts[2:])
+        model.load_state(model.assume(root, k))
+        assert_same_outputs(rollout(model, acts[2:]), first)
+    with pytest.raises(ValueError, match="outside"):
+        model.assume(root, model.hypotheses)
+
+
 def test_unknown_prompt_lists_the_valid_ones(name):
     model = make(name)
     with pytest.raises(UnknownPromptError) as err:
