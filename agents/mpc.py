@@ -124,7 +124,8 @@ class MPCConfig:
     """CEM / iCEM / MPPI: score each sequence under this many of the model's hypotheses
     about its dynamics (its ensemble members, each rolling out its own future: PETS'
     trajectory sampling) by their mean return less ``risk`` times its spread; 1 = the
-    model's readout alone. Costs ``hypotheses`` times the rollouts."""
+    model's readout alone, 0 = every hypothesis the model holds (1 for a simulator).
+    Costs that many times the rollouts."""
     risk: float = 0.0
     """With ``hypotheses > 1``: the charge per standard deviation of the members' returns."""
     record_tree: bool = True
@@ -225,10 +226,12 @@ class MPCAgent:
                              f"{', '.join(OBJECTIVES)} or goal")
         if not np.isfinite(cfg.pessimism) or cfg.pessimism < 0:
             raise ValueError(f"pessimism must be finite and >= 0, got {cfg.pessimism}")
-        if int(cfg.hypotheses) != cfg.hypotheses or not 1 <= cfg.hypotheses <= model.hypotheses:
-            raise ValueError(f"hypotheses must be a whole number in 1..{model.hypotheses} "
-                             f"({model.name} holds {model.hypotheses}), got {cfg.hypotheses}")
-        if cfg.hypotheses > 1 and cfg.planner not in SEQUENCE_PLANNERS:
+        if int(cfg.hypotheses) != cfg.hypotheses or not 0 <= cfg.hypotheses <= model.hypotheses:
+            raise ValueError(f"hypotheses must be a whole number in 0..{model.hypotheses} "
+                             f"({model.name} holds {model.hypotheses}; 0 = all), got {cfg.hypotheses}")
+        #: The hypotheses each sequence is scored under (``cfg.hypotheses``, 0 resolved).
+        self.hypotheses = int(cfg.hypotheses) or model.hypotheses
+        if self.hypotheses > 1 and cfg.planner not in SEQUENCE_PLANNERS:
             raise ValueError(f"hypotheses={cfg.hypotheses} is for the sequence planners "
                              f"({', '.join(SEQUENCE_PLANNERS)}), not {cfg.planner}")
         if not np.isfinite(cfg.risk) or cfg.risk < 0:
@@ -282,7 +285,7 @@ class MPCAgent:
                 self.model, root, objective=self.objective, discount=self.cfg.discount,
                 action_map=self.action_map, root_observation=root_obs,
                 render=getattr(self.objective, "reads_frames", False),
-                hypotheses=self.cfg.hypotheses, risk=self.cfg.risk))
+                hypotheses=self.hypotheses, risk=self.cfg.risk))
         else:
             action = self._search(root)
         self.model.load_state(root)

@@ -45,7 +45,7 @@ class ParallelMPCAgent(MPCAgent):
                 objective=self.objective, discount=self.cfg.discount,
                 action_map=self.action_map, root_observation=root_obs,
                 render=getattr(self.objective, "reads_frames", False),
-                hypotheses=self.cfg.hypotheses, risk=self.cfg.risk))
+                hypotheses=self.hypotheses, risk=self.cfg.risk))
         else:
             res = self.pool.root_parallel_search(
                 self.candidates, searches=self.searches, seed=int(self.rng.integers(2**31 - 1)),

@@ -87,7 +87,8 @@ class PlannerConfig:
     state-dynamics ensemble's spread); 0 = plan on the ensemble's mean alone."""
     hypotheses: int = 1
     """CEM / iCEM / MPPI: score each sequence by its mean return under this many of the
-    model's ensemble members, each rolling out its own future (trajectory sampling)."""
+    model's ensemble members, each rolling out its own future (trajectory sampling);
+    0 = all it holds (1 for pusht-sim)."""
     risk: float = 0.0
     """With hypotheses > 1: charge per standard deviation of the members' returns."""
     step_px: float = 40.0
@@ -255,7 +256,7 @@ def run_episode(cfg: PlanConfig, model, episode: int, writer: SummaryWriter, out
         if cfg.audit_plans:
             for log, value in zip((promised, paid, promised_cov, paid_cov),
                                   plan_returns(model, real, scratch, agent.plan,
-                                               hypotheses=p.hypotheses)):
+                                               hypotheses=agent.hypotheses)):
                 log.append(value)
         out = real.step(action)
         cov, success = out.info["coverage"], out.info["is_success"]

@@ -151,7 +151,13 @@ def test_the_agent_plans_under_hypotheses_and_refuses_what_it_cannot(model):
         for key in root.tensors:  # planning leaves the model where it was
             assert torch.equal(model.extract_state().tensors[key], root.tensors[key])
     assert best[0] != best[1]  # scored by another rule (the tiny members differ little)
-    for bad, match in ((dict(planner="cem", hypotheses=3), "1..2"),
+    assert MPCAgent(model, MPCConfig(planner="cem", hypotheses=0), np.random.default_rng(0)).hypotheses == 2
+    sim = PushTSim(action_repeat=4, frame_size=64)
+    sim.start(P0, 0)
+    assert MPCAgent(sim, MPCConfig(planner="icem", hypotheses=0), np.random.default_rng(0)).hypotheses == 1
+    sim.close()
+    for bad, match in ((dict(planner="cem", hypotheses=3), "0..2"),
+                       (dict(planner="cem", hypotheses=-1), "0..2"),
                        (dict(planner="mcts", hypotheses=2), "sequence planners"),
                        (dict(planner="cem", hypotheses=2, risk=float("nan")), "risk")):
         with pytest.raises(ValueError, match=match):
