@@ -150,3 +150,23 @@ def test_frames_show_the_current_poses_as_gym_pusht_draws_them():
     ref = env._render(visualize=False)
     differing = (np.abs(last.astype(int) - ref.astype(int)).max(-1) > 0).sum()
     assert differing <= 5, f"{differing} pixels differ from gym-pusht's own frame"
+
+
+def test_batched_coverage_equals_the_scalar_one_bit_for_bit():
+    """``pusht.coverages`` (shapely's array calls, for batched rollouts and training
+    targets) gives exactly what ``coverage(t_polygon(pose))`` gives, for every goal, at
+    and far from it, for small batches (the scalar loop) and large ones."""
+    from arcfab_gym.tasks import pusht
+
+    rng = np.random.default_rng(0)
+    poses = np.c_[rng.uniform(60, 450, (400, 2)), rng.uniform(-7, 7, 400)]
+    for prompt in pusht.PROMPTS:
+        goal = pusht.goal_pose(prompt)
+        poses[:5] = goal  # exactly on it
+        want = np.array([pusht.coverage(pusht.t_polygon(p), goal) for p in poses])
+        got = pusht.coverages(poses, goal)
+        assert got.dtype == np.float64 and got.shape == (400,)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(pusht.coverages(poses[:3], goal), want[:3])
+        assert (want == 0).any() and (want > 0.9).any()
+    assert pusht.coverages(np.zeros((0, 3)), goal).shape == (0,)

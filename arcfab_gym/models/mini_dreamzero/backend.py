@@ -418,9 +418,13 @@ class MiniDreamZero(WorldModel):
         task's own geometry gives its pose (its video is written by ``_write_video``)."""
         states = np.asarray(states, dtype=np.float32)
         agents, blocks = features.poses_from_state(states)
+        covs = np.zeros(len(worlds))
+        prompts = [w.prompt for w in worlds]
+        for prompt in set(prompts):  # one array call per goal
+            rows = [b for b, p in enumerate(prompts) if p == prompt]
+            covs[rows] = pusht.coverages(blocks[rows], pusht.goal_pose(prompt))
         for b, w in enumerate(worlds):
-            goal = pusht.goal_pose(w.prompt)
-            cov = pusht.coverage(pusht.t_polygon(blocks[b]), goal)
+            cov = float(covs[b])
             success = float(cov > pusht.SUCCESS_THRESHOLD)
             w.append_frame(states[b], actions[b],
                            [*agents[b], *blocks[b], cov, success, float(real), np.nan,

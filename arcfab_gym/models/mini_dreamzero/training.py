@@ -59,11 +59,8 @@ def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512
     z = torch.cat([vae.encode(frames_to_tensor(flat[i : i + chunk])) for i in range(0, len(flat), chunk)])
     poses = data["block_pose"].astype(np.float64)
     cov = np.zeros((E, T, len(pusht.PROMPTS)), np.float32)
-    for e in range(E if coverage else 0):
-        for t in range(T):
-            poly = pusht.t_polygon(poses[e, t])
-            for k, p in enumerate(pusht.PROMPTS):
-                cov[e, t, k] = pusht.coverage(poly, pusht.goal_pose(p))
+    for k, p in enumerate(pusht.PROMPTS if coverage else ()):
+        cov[..., k] = pusht.coverages(poses.reshape(E * T, 3), pusht.goal_pose(p)).reshape(E, T)
     return {
         "z": z.view(E, T, *z.shape[1:]),  # [E, T, C, S, S]
         "agent": torch.from_numpy(normalise_pos(data["agent_pos"]).astype(np.float32)),
