@@ -1,7 +1,7 @@
 """mini-dreamzero from nothing, in one command: collect the Push-T data, train every
 network, fine-tune the state on the model's own plans (DAgger), measure the fidelity.
 
-    python -m experiments.build_world_model                     # about 86 min on 2 cores
+    python -m experiments.build_world_model                     # 100.7 min measured on 2 cores
     python -m experiments.build_world_model root=runs/wm2 seed=1
     python -m experiments.build_world_model steps.dynamics=2000 episodes.train=1000
 
