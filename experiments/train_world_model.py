@@ -134,16 +134,24 @@ def _budget(cfg: TrainConfig, t0: float, step: int) -> float:
 _OPTIONAL_FLAGS = ("near_goal",)
 
 
-def load_npz(paths: str | Sequence[str], tiny: bool) -> dict[str, np.ndarray]:
-    """Episodes from one .npz file, or from several concatenated along the episode axis."""
+def load_npz(paths: str | Sequence[str], tiny: bool,
+             keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Episodes from one .npz file, or from several concatenated along the episode axis;
+    ``keys``: only these arrays (the state's phases skip the frames, nearly all of the
+    bytes)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     parts = []
     for path in paths:
         with np.load(path, allow_pickle=False) as f:
-            parts.append({k: f[k] for k in f.files})
+            missing = sorted(set(keys or ()) - set(f.files) - set(_OPTIONAL_FLAGS))
+            if missing:
+                raise ValueError(f"{path} holds no {', '.join(missing)} (it has {sorted(f.files)})")
+            parts.append({k: f[k] for k in f.files if keys is None or k in keys})
+            n = len(f["actions"])
         # Files written before a per-episode flag existed did not have it: it is False.
         for key in _OPTIONAL_FLAGS:
-            parts[-1].setdefault(key, np.zeros(len(parts[-1]["actions"]), dtype=bool))
+            if keys is None or key in keys:
+                parts[-1].setdefault(key, np.zeros(n, dtype=bool))
         if set(parts[-1]) != set(parts[0]):
             raise ValueError(f"{path} holds {sorted(parts[-1])}, {paths[0]} {sorted(parts[0])}")
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
@@ -192,6 +200,10 @@ def train_vae(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> FrameVA
     return vae
 
 
+#: What the state dynamics trains on.
+_STATE_KEYS = ("agent_pos", "block_pose", "actions")
+
+
 def _state_arrays(data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     from arcfab_gym.models.mini_dreamzero import features
 
@@ -236,8 +248,8 @@ def train_state(cfg: TrainConfig, writer: SummaryWriter, out_dir: Path) -> State
         with_rest_frame,
     )
 
-    train = _state_arrays(load_npz(cfg.train_data, cfg.tiny))
-    test = _state_arrays(load_npz(cfg.test_data, cfg.tiny))
+    train = _state_arrays(load_npz(cfg.train_data, cfg.tiny, _STATE_KEYS))
+    test = _state_arrays(load_npz(cfg.test_data, cfg.tiny, _STATE_KEYS))
     scfg = (StateDynamicsConfig(hidden=32, layers=2, members=cfg.state_members, readout=cfg.state_readout)
             if cfg.tiny else StateDynamicsConfig(members=cfg.state_members, readout=cfg.state_readout))
     windows = with_rest_frame(train)

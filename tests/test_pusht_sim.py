@@ -152,6 +152,23 @@ def test_frames_show_the_current_poses_as_gym_pusht_draws_them():
     assert differing <= 5, f"{differing} pixels differ from gym-pusht's own frame"
 
 
+@pytest.mark.parametrize("size", [64, 96])
+def test_frame_renderer_gives_gym_pusht_own_picture_bit_for_bit(size):
+    """The renderer reads the screen's RGB bytes instead of gym-pusht's strided copy (the
+    faster path of every collected frame): the same pixels for many poses and goals."""
+    renderer = pusht.FrameRenderer(size)
+    rng = np.random.default_rng(3)
+    for k in range(12):
+        agent = rng.uniform(20, 492, 2)
+        block = np.r_[rng.uniform(80, 430, 2), rng.uniform(-np.pi, np.pi)]
+        goal = pusht.goal_pose(pusht.PROMPTS[k % len(pusht.PROMPTS)])
+        frame = renderer.render(agent, block, goal)
+        ref = renderer._env._render(visualize=False)  # the same poses, gym-pusht's path
+        assert frame.dtype == np.uint8 and frame.shape == (size, size, 3)
+        assert np.array_equal(frame, ref), f"pose {k}"
+    renderer.close()
+
+
 def test_batched_coverage_equals_the_scalar_one_bit_for_bit():
     """``pusht.coverages`` (shapely's array calls, for batched rollouts and training
     targets) gives exactly what ``coverage(t_polygon(pose))`` gives, for every goal, at

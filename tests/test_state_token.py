@@ -68,6 +68,20 @@ def test_state_map_draws_the_t_where_the_renderer_does():
         renderer.close()
 
 
+def test_state_maps_are_each_states_own_in_any_batch():
+    """Large batches are rasterised in chunks (``features._MAP_CHUNK``): a batch's maps are
+    the bits each state gets alone, so the chunking changes no training target."""
+    rng = np.random.default_rng(5)
+    n = 2 * features._MAP_CHUNK + 37
+    state = torch.from_numpy(features.state_from_poses(
+        rng.uniform(20, 492, (n, 2)), np.c_[rng.uniform(80, 430, (n, 2)), rng.uniform(-3.2, 3.2, n)]))
+    maps = features.state_map(state)
+    assert maps.shape == (n, features.MAP_CHANNELS, features.MAP_SIZE, features.MAP_SIZE)
+    for i in (0, features._MAP_CHUNK - 1, features._MAP_CHUNK, n - 1):
+        assert torch.equal(maps[i], features.state_map(state[i : i + 1])[0]), i
+    assert torch.equal(maps[: features._MAP_CHUNK], features._state_map(state[: features._MAP_CHUNK], features.MAP_SIZE))
+
+
 def test_observation_and_reward_read_the_predicted_state(tiny_model):
     m = tiny_model
     for a in np.random.default_rng(3).uniform(-1, 1, (4, 2)).astype(np.float32):

@@ -19,6 +19,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from gym_pusht.envs.pusht import PushTEnv
 
+import cv2
+import pygame
 import shapely
 import shapely.geometry as sg
 
@@ -261,7 +263,13 @@ class FrameRenderer:
         # step or a reindex); without this every frame shows the setup pose.
         env.space.reindex_shapes_for_body(env.agent)
         env.space.reindex_shapes_for_body(env.block)
-        return np.ascontiguousarray(env._render(visualize=False), dtype=np.uint8)
+        # gym-pusht's own picture (``env._render``) copies the screen through a strided
+        # view (half the frame's time); the screen's RGB bytes are the same pixels, row by
+        # row, so the resized frame is the same bits (tested against ``env._render``).
+        screen = env._draw()
+        w, h = screen.get_size()
+        rgb = np.frombuffer(pygame.image.tobytes(screen, "RGB"), np.uint8).reshape(h, w, 3)
+        return cv2.resize(rgb, (env.observation_width, env.observation_height))
 
     def close(self) -> None:
         self._env.close()

