@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from agents.scripted import ScriptedPusher
+from arcfab_gym.atomic import atomic_path
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
 
@@ -338,10 +339,8 @@ def collect(cfg: CollectConfig) -> Path:
             bar.update(1)
     data = {k: np.stack([ep[k] for ep in episodes]) for k in episodes[0]}
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        np.savez(tmp, **data)
     return out
 
 

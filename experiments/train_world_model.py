@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.models.mini_dreamzero.network import (
     DynamicsConfig,
     RendererConfig,
@@ -557,9 +558,7 @@ def weights_id(out_dir: Path) -> str:
 
 def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file: never half written."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _update_config(out_dir: Path, values: dict) -> None:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.errors import SnapshotFormatError
 from arcfab_gym.models.base import ModelState
 
@@ -394,26 +394,8 @@ class WorldStateSnapshot:
         ``os.replace`` it over ``path``; on any failure the temporary file is removed and
         an existing file at ``path`` is left untouched.
         """
-        path = Path(path)
         data = self.to_bytes()  # serialise first: a bad field must not touch the disk
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
-        try:
-            with tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp.name, path)
-        except BaseException:
-            try:
-                os.unlink(tmp.name)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(path.parent)
-        return path
+        return write_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WorldStateSnapshot:
@@ -509,15 +491,3 @@ def _parse_safetensors_header(data: bytes, source: str) -> dict[str, Any]:
     return outer
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (best effort: not every OS/filesystem allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -253,6 +253,11 @@ class FrameRenderer:
 
     def render(self, agent_pos: np.ndarray, block_pose: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """uint8 ``[size, size, 3]`` picture of the agent, the T and the goal region."""
+        self.place(agent_pos, block_pose, goal)
+        return self.picture()
+
+    def place(self, agent_pos: np.ndarray, block_pose: np.ndarray, goal: np.ndarray) -> None:
+        """Move the scratch env's bodies (and goal) to the given poses."""
         env = self._env
         env.agent.position = (float(agent_pos[0]), float(agent_pos[1]))
         env.block.angle = float(block_pose[2])
@@ -263,9 +268,13 @@ class FrameRenderer:
         # step or a reindex); without this every frame shows the setup pose.
         env.space.reindex_shapes_for_body(env.agent)
         env.space.reindex_shapes_for_body(env.block)
-        # gym-pusht's own picture (``env._render``) copies the screen through a strided
-        # view (half the frame's time); the screen's RGB bytes are the same pixels, row by
-        # row, so the resized frame is the same bits (tested against ``env._render``).
+
+    def picture(self) -> np.ndarray:
+        """The scene as placed, as gym-pusht's pixel observation draws it. gym-pusht's own
+        path (``env._render``) copies the screen through a strided view, half the frame's
+        time; the screen's RGB bytes are the same pixels row by row, so the resized frame
+        is the same bits (tested against ``env._render``)."""
+        env = self._env
         screen = env._draw()
         w, h = screen.get_size()
         rgb = np.frombuffer(pygame.image.tobytes(screen, "RGB"), np.uint8).reshape(h, w, 3)

@@ -13,11 +13,11 @@ import html
 import json
 import os
 import re
-import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.fabric.tree import TrajectoryTree
 
 #: What nodes can be coloured by: their session (= branch) or a numeric meta value.
@@ -153,24 +153,7 @@ def write_tree_html(
     the chosen path (``meta.chosen`` true) thick; hover for details, click to fold.
     """
     text = render_tree_html(tree, title=title, color_by=color_by)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same directory + os.replace: a reader never sees half a page.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a page is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+    return write_atomic(path, text)  # a reader never sees half a page
 
 
 # The page. Placeholders are @@NAME@@; the app script must never contain "</".
