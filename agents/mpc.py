@@ -28,7 +28,14 @@ from planners.icem import ICEMConfig, ICEMPlanner, MPPIConfig, MPPIPlanner
 from planners.mcts import gumbel_muzero_policy, muzero_policy
 from planners.proposals import PlanProposal
 from planners.widening import Widening
-from planners.world import GoalObjective, Pessimistic, WorldSearch, reward_objective, sequence_evaluator
+from planners.world import (
+    GoalObjective,
+    Pessimistic,
+    WorldSearch,
+    check_risk,
+    reward_objective,
+    sequence_evaluator,
+)
 
 
 def relative_action_map(scale_px: float):
@@ -234,8 +241,7 @@ class MPCAgent:
         if self.hypotheses > 1 and cfg.planner not in SEQUENCE_PLANNERS:
             raise ValueError(f"hypotheses={cfg.hypotheses} is for the sequence planners "
                              f"({', '.join(SEQUENCE_PLANNERS)}), not {cfg.planner}")
-        if not np.isfinite(cfg.risk) or cfg.risk < 0:
-            raise ValueError(f"risk must be finite and >= 0, got {cfg.risk}")
+        check_risk(cfg.risk)  # at start-up, not at the first planning call
         if cfg.actions not in ("absolute", "relative"):
             raise ValueError(f"unknown actions {cfg.actions!r}: absolute or relative")
         self.action_map = relative_action_map(cfg.relative_px) if cfg.actions == "relative" else None

@@ -145,6 +145,14 @@ def hypothesis_roots(model: WorldModel, root: ModelState, hypotheses: int) -> li
     return [model.assume(root, k) for k in range(int(hypotheses))]
 
 
+def check_risk(risk: float) -> float:
+    """``risk`` (the spread charged to a sequence's returns under several hypotheses) if it
+    is finite and >= 0; otherwise a ValueError naming it."""
+    if not np.isfinite(risk) or risk < 0:
+        raise ValueError(f"risk must be finite and >= 0, got {risk}")
+    return float(risk)
+
+
 def hedged(returns: np.ndarray, risk: float) -> np.ndarray:
     """Per column of ``returns [K, N]`` (one row per hypothesis): the mean less ``risk``
     times the standard deviation; a single row passes unchanged."""
@@ -190,8 +198,7 @@ def sequence_evaluator(
     if action_map is not None and root_observation is None:
         raise ValueError("action_map needs root_observation (the observation at the root)")
     roots = hypothesis_roots(model, root, hypotheses)
-    if not np.isfinite(risk) or risk < 0:
-        raise ValueError(f"risk must be finite and >= 0, got {risk}")
+    risk = check_risk(risk)
 
     def evaluate(seqs: np.ndarray) -> np.ndarray:
         seqs = np.asarray(seqs, dtype=np.float32)
