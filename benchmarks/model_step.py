@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from arcfab_gym.models.mini_dreamzero import backend as mdz
 from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero
 
 
@@ -66,7 +65,6 @@ def main() -> None:
 
     rows: dict[str, list[float]] = {"peak": [], "b1": [], "fork": [], "copied": [], "state": [],
                                     "state_fork": []}  # fmt: skip
-    shared_prefix = mdz._common_prefix
     for _ in range(args.rounds):
         rows["peak"].append(matmul_peak_gflops())
         times = []
@@ -79,13 +77,13 @@ def main() -> None:
         t0 = time.perf_counter()
         model.step_batch(states, actions)
         rows["fork"].append(time.perf_counter() - t0)
-        mdz._common_prefix = lambda blocks: 0  # every fork's cache stacked on its own
+        model.share_prefix = False  # every fork's cache stacked on its own
         try:
             t0 = time.perf_counter()
             model.step_batch(states, actions)
             rows["copied"].append(time.perf_counter() - t0)
         finally:
-            mdz._common_prefix = shared_prefix
+            model.share_prefix = True
         # What a planner whose objective reads only the state pays (render=False).
         times = []
         for k in range(args.steps):

@@ -61,3 +61,28 @@ def test_forks_sharing_frames_step_as_they_would_alone(tiny_weights_dir):
             if key.startswith("kv_cache/"):
                 solo_block = solo.extract_state().tensors[key]
                 np.testing.assert_allclose(ns.tensors[key].numpy(), solo_block.numpy(), atol=1e-4)
+
+
+def test_the_copied_layout_gives_the_same_futures(tiny_weights_dir, monkeypatch):
+    """``share_prefix = False`` (what benchmarks/model_step.py compares against) stacks
+    every fork's cache; the futures match the shared path, which is the one taken."""
+    m = MiniDreamZero(weights_dir=tiny_weights_dir)
+    m.start(pusht.PROMPTS[0], seed=0)
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        m.step(rng.uniform(-1, 1, 2).astype(np.float32))
+    states = [m.extract_state()] * 6
+    actions = rng.uniform(-1, 1, (6, 2)).astype(np.float32)
+    taken = []
+    real = mdz._common_prefix
+    monkeypatch.setattr(mdz, "_common_prefix", lambda blocks: taken.append(real(blocks)) or taken[-1])
+    shared, _ = m.step_batch(states, actions)
+    assert taken and set(taken) == {5}  # the shared path: the start frame and four steps
+    calls = len(taken)
+    m.share_prefix = False
+    copied, _ = m.step_batch(states, actions)
+    assert len(taken) == calls  # not looked for at all
+    for a, b in zip(shared, copied):
+        for key in a.tensors:
+            if key.startswith(("kv_cache/", "latent_video/", "task_state")):
+                np.testing.assert_allclose(a.tensors[key].numpy(), b.tensors[key].numpy(), atol=1e-4)

@@ -195,6 +195,10 @@ class MiniDreamZero(WorldModel):
         self._renderer: pusht.FrameRenderer | None = None
         self._w: _World | None = None  # the working state
         self.last_reset_reason: str | None = None
+        #: Forks of one state attend to the cache frames they share stored once
+        #: (:class:`SharedPrefixCache`); False stacks every fork's own copy, the layout
+        #: before prefix sharing (the same results; for benchmarks and tests).
+        self.share_prefix = True
 
     # --- life cycle -------------------------------------------------------------------------
     def start(self, prompt, seed, initial_state=None):
@@ -303,7 +307,7 @@ class MiniDreamZero(WorldModel):
                   for w in worlds]  # fmt: skip
         cross = torch.stack([w.cross for w in worlds], dim=2).flatten(2, 3)  # [l, 2, 2B, H, Lc, hd]
         cross_kv = [(cross[i, 0], cross[i, 1]) for i in range(cross.shape[0])]
-        shared = _common_prefix(blocks) if len(worlds) > 1 else 0
+        shared = _common_prefix(blocks) if self.share_prefix and len(worlds) > 1 else 0
         caches, mask = self._stack_blocks(worlds, [bl[shared:] for bl in blocks], new_tokens)
         if shared:
             # [c, layers, 2 (k, v), 2 (branch), H, T_F, hd] -> [layers, 2, 2, H, c * T_F, hd]
