@@ -23,7 +23,7 @@ plan: setup
 demo: setup
 	$(BIN)/python -m experiments.demo
 
-# mini-dreamzero from nothing: data, every network, DAgger, fidelity (100.7 min measured on 2 cores).
+# mini-dreamzero from nothing: data, every network, DAgger, fidelity (92.0 min measured on 2 cores; budget 90).
 world-model: setup
 	$(BIN)/python -m experiments.build_world_model
 

@@ -1,13 +1,13 @@
 """mini-dreamzero from nothing, in one command: collect the Push-T data, train every
 network, fine-tune the state on the model's own plans (DAgger), measure the fidelity.
 
-    python -m experiments.build_world_model                     # 100.7 min measured on 2 cores
+    python -m experiments.build_world_model                     # 92.0 min measured on 2 cores
     python -m experiments.build_world_model root=runs/wm2 seed=1
     python -m experiments.build_world_model steps.dynamics=2000 episodes.train=1000
 
 Every phase is bounded by a number of episodes or optimiser steps, never by the clock,
 so two runs with the same settings write the same bytes (the budgets below were sized
-on this project's 2-core machine to fit in 90 minutes). The phases, in order:
+on this project's 2-core machine for 90 minutes; the last full run took 92). The phases, in order:
 
 1. data (``experiments.collect``, all from pusht-sim): the contact-heavy mix, jumps (a
    sampling planner's far targets), near-goal starts, iCEM-driven episodes with the
