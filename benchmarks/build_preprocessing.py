@@ -37,8 +37,6 @@ def _random_states(rng: np.random.Generator, n: int) -> torch.Tensor:
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
-    if isinstance(a, dict):
-        return all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return all(_equal(x, y) for x, y in zip(a, b))
     return bool(np.array_equal(a, b))

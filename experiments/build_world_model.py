@@ -40,6 +40,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from arcfab_gym.atomic import write_atomic
 from experiments.collect import CollectConfig, collect
 from experiments.train_world_model import TrainConfig, train, weights_id, write_json
 
@@ -172,7 +173,7 @@ class Build:
             return {"episodes": episodes, "reused": True}
         recorded.unlink(missing_ok=True)  # written only once its data file is complete
         collect(ccfg)
-        recorded.write_text(wanted)
+        write_atomic(recorded, wanted)
         return {"episodes": episodes, "reused": False}
 
     # --- training ---------------------------------------------------------------------

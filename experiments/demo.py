@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import arcfab_gym  # noqa: F401 - registers the environments
 from agents.scripted import ScriptedPusher
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.fabric.session import Session
 from arcfab_gym.viz import figure_to_rgb, tree_figure, write_tree_html
 
@@ -104,7 +105,7 @@ def run(cfg: DemoConfig, out_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
 
     tree = main.tree
-    (out_dir / "tree.json").write_text(tree.to_json(indent=1))
+    write_atomic(out_dir / "tree.json", tree.to_json(indent=1))
     write_tree_html(tree, out_dir / "tree.html", title=f"demo episode (seed {cfg.seed})")
     lines = {"main": main, "branch A (new prompt)": branch_a, "branch B (new seed)": branch_b}
     strip = np.concatenate([s.get_decoded_frame() for s in lines.values()], axis=1)
@@ -127,7 +128,7 @@ def run(cfg: DemoConfig, out_dir: Path) -> dict:
     }
     writer.add_text("summary", "```\n" + json.dumps(summary, indent=1) + "\n```", 0)
     writer.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
     for s in (branch_a, branch_b):
         s.close()
     env.close()

@@ -54,6 +54,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.models.mini_dreamzero.backend import MiniDreamZero, Weights
 from arcfab_gym.models.mini_dreamzero.vae import frames_to_tensor, psnr
 from arcfab_gym.tasks import pusht
@@ -423,8 +424,8 @@ def _evaluate(cfg: EvalConfig, horizons: list[int], out_dir: Path) -> dict:
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
 
     table = markdown_table(metrics, horizons)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out_dir / "metrics.md").write_text(table)
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_atomic(out_dir / "metrics.md", table)
     strip_img = strip_picture(strips)
     imsave(out_dir / "strip.png", strip_img)
     fig = fidelity_figure(metrics, horizons)

@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from agents.mpc import MPCAgent
 from agents.scripted import ScriptedPusher
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.fabric.session import Session
 from arcfab_gym.fabric.snapshot import WorldStateSnapshot
 from arcfab_gym.fabric.store import StateManager
@@ -722,8 +723,8 @@ def _run(cfg: FailureRecoveryConfig, out_dir: Path, command: str) -> dict[str, A
         "wall_seconds": {"episodes": episode_seconds, "cost_ratio": cost_seconds,
                          "total": time.perf_counter() - t0},
     }  # fmt: skip
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / "results.md").write_text(table)
+    write_atomic(out_dir / "results.json", json.dumps(doc, indent=1))
+    write_atomic(out_dir / "results.md", table)
     return doc
 
 

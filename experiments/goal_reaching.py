@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from agents.mpc import MPCAgent
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.models import create_world_model
 from arcfab_gym.models.pusht_sim import PushTSim
 from arcfab_gym.tasks import pusht
@@ -144,7 +145,7 @@ def run(cfg: GoalReachingConfig, out_dir: Path) -> dict[str, Any]:
     }  # fmt: skip
     doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
            "episodes": results}
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    write_atomic(out_dir / "results.json", json.dumps(doc, indent=1))
     return doc
 
 

@@ -36,6 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.mpc import MPCAgent, MPCConfig
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.fabric.store import StateManager
 from arcfab_gym.fabric.tree import TrajectoryTree
 from arcfab_gym.models import create_world_model
@@ -357,7 +358,7 @@ def run(cfg: PlanConfig, out_dir: Path) -> dict[str, Any]:
     writer.close()
     doc = {"summary": summary, "config": _config_dict(cfg),
            "episodes": results}  # fmt: skip
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    write_atomic(out_dir / "results.json", json.dumps(doc, indent=1))
     return doc
 
 

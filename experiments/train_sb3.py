@@ -50,6 +50,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from tqdm import tqdm
 
 import arcfab_gym  # noqa: F401  (registers ArcFabric-v0)
+from arcfab_gym.atomic import write_atomic
 from arcfab_gym.envs import PushTFeatures, PushTReward, RelativeTargets
 from arcfab_gym.models import list_world_models
 from experiments.audit import audit as audit_report
@@ -319,7 +320,7 @@ def run(cfg: TrainSB3Config, out_dir: Path) -> dict[str, Any]:
     finally:
         envs.close()
         evaluation_env.close()
-    (out_dir / "audit.json").write_text(json.dumps(audit_doc, indent=1))
+    write_atomic(out_dir / "audit.json", json.dumps(audit_doc, indent=1))
     summary: dict[str, Any] = {
         "algo": cfg.algo, "world": cfg.world, "reward": cfg.reward, "actions": cfg.actions,
         "total_timesteps": cfg.total_timesteps, "n_envs": cfg.n_envs, "vec_env": cfg.vec_env,
@@ -337,7 +338,7 @@ def run(cfg: TrainSB3Config, out_dir: Path) -> dict[str, Any]:
         print(format_audit(report))
     doc = {"summary": summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
            "evaluations": evaluator.history}  # fmt: skip
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    write_atomic(out_dir / "results.json", json.dumps(doc, indent=1))
     return doc
 
 
