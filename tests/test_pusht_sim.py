@@ -187,3 +187,70 @@ def test_batched_coverage_equals_the_scalar_one_bit_for_bit():
         np.testing.assert_array_equal(pusht.coverages(poses[:3], goal), want[:3])
         assert (want == 0).any() and (want > 0.9).any()
     assert pusht.coverages(np.zeros((0, 3)), goal).shape == (0,)
+
+
+def test_coverage_bounds_hold_at_and_far_from_every_goal():
+    """The centroid-gap bounds that let a step skip shapely: a T that succeeds has its
+    centroid within the success gap of the goal's (without the 1 px margin), and a T past
+    the overlap gap covers exactly nothing."""
+    rng = np.random.default_rng(3)
+    for prompt in pusht.PROMPTS:
+        goal = pusht.goal_pose(prompt)
+        near = goal + np.c_[rng.normal(0, 4, (600, 2)), rng.normal(0, 0.05, 600)]
+        far = np.c_[rng.uniform(0, 512, (600, 2)), rng.uniform(-7, 7, 600)]
+        poses = np.r_[near, far]
+        cov = pusht.coverages(poses, goal)
+        gap = np.array([pusht.centroid_gap(p, goal) for p in poses])
+        success = cov > pusht.SUCCESS_THRESHOLD
+        assert success.sum() > 20 and (~success).sum() > 20
+        assert gap[success].max() < pusht.SUCCESS_GAP_PX - 1.0
+        apart = gap > pusht.OVERLAP_GAP_PX
+        assert apart.sum() > 20 and (cov[apart] == 0.0).all()
+        assert (cov[gap < pusht.OVERLAP_GAP_PX - 40] > 0).any()
+    # A turned T about the same centroid: the gap is 0, whatever the angle.
+    pose = np.array([200.0, 300.0, 0.0])
+    centre = pusht.T_CENTROID + pose[:2]
+    c, s = np.cos(1.0), np.sin(1.0)
+    turned = [*(centre - np.array([c * pusht.T_CENTROID[0] - s * pusht.T_CENTROID[1],
+                                   s * pusht.T_CENTROID[0] + c * pusht.T_CENTROID[1]])), 1.0]
+    assert pusht.centroid_gap(turned, pose) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_advance_is_a_loop_of_gym_pusht_steps_bit_for_bit():
+    """``advance`` (floats for pymunk's Vec2d, coverage only where success is possible)
+    leaves the world and returns what a loop of gym-pusht's own ``step`` does, stopping at
+    the same step when the T reaches its goal mid-frame."""
+    from arcfab_gym.models.pusht_sim import _CanonicalPushT
+
+    early_stops = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        prompt = pusht.PROMPTS[seed % len(pusht.PROMPTS)]
+        goal = pusht.goal_pose(prompt)
+        # Even seeds start on the goal (success at the first control step), odd ones near it.
+        block = goal + (seed % 2) * np.r_[rng.normal(0, 12, 2), rng.normal(0, 0.15)]
+        init = pusht.state_for_pose(block[:2] + rng.uniform(-90, 90, 2), block)
+        envs = [_CanonicalPushT(obs_type="state") for _ in range(2)]
+        for env in envs:
+            env.reset(options={"reset_to_state": init})
+            env.goal_pose = goal
+        policy = ScriptedPusher(rng, noise_px=3.0)
+        fast, slow = envs
+        for _ in range(40):
+            obs = {"agent_pos": np.array(slow.agent.position),
+                   "block_pose": np.array([*slow.block.position, slow.block.angle]),
+                   "goal_pose": goal}  # fmt: skip
+            target = pusht.action_to_target(policy(obs))
+            got = fast.advance(target, 4)
+            contacts, taken = 0, 0
+            for _ in range(4):
+                _, _, terminated, _, info = PushTEnv.step(slow, target)
+                contacts, taken = contacts + int(info["n_contacts"]), taken + 1
+                if terminated:
+                    break
+            early_stops += taken < 4
+            assert got == (info["coverage"], bool(info["is_success"]), contacts)
+            for a, b in ((fast.agent, slow.agent), (fast.block, slow.block)):
+                assert (*a.position, *a.velocity, a.angle, a.angular_velocity) == (
+                    *b.position, *b.velocity, b.angle, b.angular_velocity)
+    assert early_stops >= 1, "some frame must end in success before its last step"

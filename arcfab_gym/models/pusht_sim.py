@@ -48,8 +48,44 @@ class _CanonicalPushT(PushTEnv):
         self.space.collision_persistence = 1
 
     def _get_coverage(self) -> float:
-        pose = np.array([*self.block.position, self.block.angle])
-        return pusht.coverage(pusht.t_polygon(pose), self.goal_pose)
+        pose = (*self.block.position, self.block.angle)
+        if pusht.centroid_gap(pose, self.goal_pose) > pusht.OVERLAP_GAP_PX:
+            return 0.0  # what shapely gives for two Ts that do not touch, without the polygons
+        return pusht.coverage(pusht.t_polygon(np.array(pose)), self.goal_pose)
+
+    def advance(self, target: np.ndarray, repeats: int) -> tuple[float, bool, int]:
+        """``repeats`` of gym-pusht's ``step(target)``, stopping after a step that succeeds,
+        as a loop over ``step`` would: returns the last step's coverage and success, and
+        the contacts of every step taken (each step's count as gym-pusht's info gives it).
+
+        The physics is gym-pusht's, its float operations in the same order (pymunk's
+        ``Vec2d`` arithmetic written out on floats, which is half a step's Python time).
+        A step before the last needs its coverage only to know whether the episode ended
+        there, so it is computed only where the T is near enough its goal to succeed
+        (:data:`pusht.SUCCESS_GAP_PX`). Tested equal, bit for bit, to gym-pusht's ``step``.
+        """
+        substeps = int(1 / (self.dt * self.control_hz))
+        per_step = int(1 / self.dt * self.control_hz)  # gym-pusht's info divides by this
+        tx, ty = float(target[0]), float(target[1])
+        agent, space, kp, kv, dt = self.agent, self.space, self.k_p, self.k_v, self.dt
+        self._last_action = target
+        contacts = 0
+        for k in range(repeats):
+            self.n_contact_points = 0
+            for _ in range(substeps):
+                px, py = agent.position
+                vx, vy = agent.velocity
+                agent.velocity = (vx + (kp * (tx - px) + kv * (0 - vx)) * dt,
+                                  vy + (kp * (ty - py) + kv * (0 - vy)) * dt)  # fmt: skip
+                space.step(dt)
+            contacts += int(np.ceil(self.n_contact_points / per_step))
+            last = k == repeats - 1
+            pose = (*self.block.position, self.block.angle)
+            if last or pusht.centroid_gap(pose, self.goal_pose) <= pusht.SUCCESS_GAP_PX:
+                coverage = self._get_coverage()
+                if last or coverage > self.success_threshold:
+                    return coverage, bool(coverage > self.success_threshold), contacts
+        raise AssertionError("unreachable: the last step returns")
 
 
 class PushTSim(WorldModel):
@@ -128,26 +164,16 @@ class PushTSim(WorldModel):
         self._require_started()
         target = pusht.action_to_target(self.check_action(action))
         env = self._env
-        contacts = 0
         if self._pending is not None:
             self._codec.load(self._pending)
             self._pending = None
-        for _ in range(self.action_repeat):
-            _, _, terminated, _, info = env.step(target)
-            contacts += int(info["n_contacts"])
-            if terminated:
-                break
-        cov = float(info["coverage"])
-        self._last = {
-            "coverage": cov,
-            "is_success": bool(info["is_success"]),
-            "n_contacts": contacts,
-        }
+        cov, success, contacts = env.advance(target, self.action_repeat)
+        self._last = {"coverage": cov, "is_success": success, "n_contacts": contacts}
         self._append_pose()
         return StepOutput(
             observation=self.observe(),
             reward=pusht.reward_from_coverage(cov),
-            terminated=bool(info["is_success"]),
+            terminated=success,
             info=self._info(),
         )
 

@@ -132,6 +132,41 @@ T_VERTICES = np.array(
 )
 
 
+def _area_centroid(rects: np.ndarray) -> np.ndarray:
+    # Axis-aligned rectangles: each one's centre, weighted by its area.
+    lo, hi = rects.min(axis=1), rects.max(axis=1)  # [parts, 2]
+    area = np.prod(hi - lo, axis=1)
+    return (area[:, None] * (lo + hi) / 2).sum(axis=0) / area.sum()
+
+
+#: The T's area centroid in body coordinates (not its centre of gravity: gym-pusht's
+#: body puts that at the mean of the vertices).
+T_CENTROID = _area_centroid(T_VERTICES)
+#: The farthest any point of the T lies from its area centroid (a corner of the stem).
+T_RADIUS = float(np.max(np.linalg.norm(T_VERTICES.reshape(-1, 2) - T_CENTROID, axis=1)))
+#: Success is impossible with the T's centroid farther than this from the goal's. With
+#: ``e = 1 - SUCCESS_THRESHOLD``, success leaves less than ``e`` of the area in each of
+#: ``A \ B`` and ``B \ A``; the centroids' gap ``d`` times the area is the difference of
+#: the first moments of those two sets about the goal's centroid, at most
+#: ``e (T_RADIUS + d) + e T_RADIUS`` times the area, so ``d < 2 e T_RADIUS / (1 - e)``
+#: (8.5 px). One pixel of margin keeps rounding far from the bound.
+SUCCESS_GAP_PX = 2 * (1 - SUCCESS_THRESHOLD) * T_RADIUS / SUCCESS_THRESHOLD + 1.0
+#: Two Ts whose centroids are farther apart than this cannot overlap (one pixel of margin).
+OVERLAP_GAP_PX = 2 * T_RADIUS + 1.0
+
+
+def centroid_gap(block_pose: np.ndarray, goal: np.ndarray) -> float:
+    """Distance (px) between the area centroids of the T at ``block_pose`` and at
+    ``goal``: a cheap bound on coverage (see :data:`SUCCESS_GAP_PX`, :data:`OVERLAP_GAP_PX`)."""
+    gx, gy = T_CENTROID
+    dx = dy = 0.0
+    for pose, sign in ((block_pose, 1.0), (goal, -1.0)):
+        c, s = math.cos(float(pose[2])), math.sin(float(pose[2]))
+        dx += sign * (float(pose[0]) + c * gx - s * gy)
+        dy += sign * (float(pose[1]) + s * gx + c * gy)
+    return math.hypot(dx, dy)
+
+
 def t_polygon(pose: np.ndarray) -> sg.MultiPolygon:
     """The T at ``pose = [x, y, theta]`` as a shapely MultiPolygon (fixed part order)."""
     x, y, theta = (float(v) for v in pose[:3])
