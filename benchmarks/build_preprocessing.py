@@ -5,7 +5,10 @@ in interleaved rounds, medians reported, every result checked equal bit for bit:
   screen) against ``pusht.FrameRenderer`` (the screen's RGB bytes);
 - state maps: 1,024 states in one pass against ``features.state_map`` (256 per pass);
 - the renderer's anchor latents: ``render_anchors`` in 1,024-state chunks against 256;
-- VAE encoding: ``encode_episodes`` in 512-frame chunks against 128.
+- VAE encoding: ``encode_episodes`` in 512-frame chunks against 128;
+- a simulator frame (four control steps): a loop of gym-pusht's ``step``, with a shapely
+  coverage at each, against ``pusht-sim``'s ``advance`` (physics on floats, coverage only
+  where it can matter), on the scripted pusher's frames from near-goal and uniform starts.
 
     python benchmarks/build_preprocessing.py [--rounds 5] [--weights DIR]
 
@@ -22,10 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from agents.scripted import ScriptedPusher
 from arcfab_gym.models.mini_dreamzero import features
 from arcfab_gym.models.mini_dreamzero.backend import Weights
 from arcfab_gym.models.mini_dreamzero.training import encode_episodes, render_anchors
+from arcfab_gym.models.pusht_sim import _CanonicalPushT
 from arcfab_gym.tasks import pusht
+from arcfab_gym.tasks.pusht import PushTEnv
 
 
 def _random_states(rng: np.random.Generator, n: int) -> torch.Tensor:
@@ -34,11 +40,65 @@ def _random_states(rng: np.random.Generator, n: int) -> torch.Tensor:
     return torch.from_numpy(features.state_from_poses(agent, block))
 
 
+class _GymStepPushT(_CanonicalPushT):
+    """The simulator as it stepped before ``advance``: a coverage at every control step."""
+
+    def _get_coverage(self) -> float:
+        pose = np.array([*self.block.position, self.block.angle])
+        return pusht.coverage(pusht.t_polygon(pose), self.goal_pose)
+
+    def advance(self, target, repeats):
+        contacts = 0
+        for _ in range(repeats):
+            _, _, terminated, _, info = PushTEnv.step(self, target)
+            contacts += int(info["n_contacts"])
+            if terminated:
+                break
+        return float(info["coverage"]), bool(info["is_success"]), contacts
+
+
+def _sim_episodes(rng: np.random.Generator, n: int, frames: int):
+    """``n`` (initial state, goal, targets) of the scripted pusher, half from near-goal
+    starts, recorded once so that both paths step the same frames."""
+    out = []
+    for i in range(n):
+        prompt = pusht.PROMPTS[i % len(pusht.PROMPTS)]
+        goal = pusht.goal_pose(prompt)
+        if i % 2:
+            init = pusht.sample_initial_state(rng)
+        else:
+            block = goal + np.r_[rng.normal(0, 30, 2), rng.normal(0, 0.35)]
+            init = pusht.state_for_pose(block[:2] + rng.uniform(-120, 120, 2), block)
+        env = _CanonicalPushT(obs_type="state")
+        env.reset(options={"reset_to_state": init})
+        env.goal_pose = goal
+        policy, targets = ScriptedPusher(rng, noise_px=5.0), []
+        for _ in range(frames):
+            obs = {"agent_pos": np.array(env.agent.position), "goal_pose": goal,
+                   "block_pose": np.array([*env.block.position, env.block.angle])}  # fmt: skip
+            targets.append(pusht.action_to_target(policy(obs)))
+            env.advance(targets[-1], 4)
+        out.append((init, goal, targets))
+    return out
+
+
+def _run_sim(cls, episodes) -> list:
+    results = []
+    for init, goal, targets in episodes:
+        env = cls(obs_type="state")
+        env.reset(options={"reset_to_state": init})
+        env.goal_pose = goal
+        results += [env.advance(t, 4) for t in targets]
+        results.append((*env.agent.position, *env.agent.velocity, *env.block.position,
+                        env.block.angle, env.block.angular_velocity))  # fmt: skip
+    return results
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     if isinstance(a, list):
-        return all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return bool(np.array_equal(a, b))
 
 
@@ -111,6 +171,11 @@ def main() -> None:
     side_by_side("VAE encoding", 16 * 64, "frame",
                  lambda: encode_episodes(weights.vae, data, chunk=512, coverage=False)["z"],
                  lambda: encode_episodes(weights.vae, data, coverage=False)["z"], args.rounds)  # fmt: skip
+
+    episodes = _sim_episodes(rng, 8, 60)
+    side_by_side("simulator frame (4 control steps)", 8 * 60, "frame",
+                 lambda: _run_sim(_GymStepPushT, episodes),
+                 lambda: _run_sim(_CanonicalPushT, episodes), args.rounds)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Nothing here knows which task the backend simulates.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,22 @@ from arcfab_gym.fabric.snapshot import WorldStateSnapshot
 from arcfab_gym.models import create_world_model
 from arcfab_gym.models.base import ModelState, WorldModel
 from arcfab_gym.models.remote import RemoteWorldError, WorldHost
+from planners.widening import Widening
 from planners.world import Objective, WorldSearch, reward_objective, sequence_evaluator
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How each root search runs, as :class:`agents.mpc.MPCAgent` runs its one search."""
+
+    widening: Widening | None = None
+    """Progressive widening (``policy='mcts'`` only)."""
+    leaf_rollout: bool = False
+    """Leaf values by the candidates' ``rollout`` (a :class:`planners.proposals.PlanProposal`)."""
+    horizon: int | None = None
+    """Steps to the end of the planning horizon (needed with discount 1)."""
+    render: bool = True
+    """False when neither the candidates nor the objective read a node's frame."""
 
 
 # --- what runs next to the model (inside an actor, or in this process) ----------------------
@@ -59,22 +75,34 @@ def _evaluate_chunk(model: WorldModel, host: WorldHost, root_sid: int, seqs: np.
 
 def _search(model: WorldModel, host: WorldHost, root_sid: int, seed: np.random.SeedSequence,
             candidates: Callable, num_simulations: int, max_depth: int | None,
-            discount: float, objective: Objective, policy: str) -> dict[str, Any]:
-    """One whole MCTS search from the root; the root's statistics and principal variation."""
+            discount: float, objective: Objective, policy: str, settings: SearchSettings,
+            ) -> dict[str, Any]:  # fmt: skip
+    """One whole MCTS search from the root; the root's statistics, principal variation and
+    best sequence seen."""
     from planners.mcts import gumbel_muzero_policy, muzero_policy
 
-    search = WorldSearch(model, candidates, objective=objective, discount=discount)
+    # Each search gets the candidates as they were sent: a Ray actor unpickles its own
+    # copy, and this copy does the same for the in-process worker, so stateful candidates
+    # (a warm-start plan drawing perturbations) give every search the same start.
+    candidates = copy.deepcopy(candidates)
+    rollout = candidates.rollout if settings.leaf_rollout else None
+    search = WorldSearch(model, candidates, objective=objective, discount=discount,
+                         rollout=rollout, horizon=settings.horizon, render=settings.render)
     root_out = search.root([host.state(root_sid)])
     root_id = root_out.embedding[0]
     rng = np.random.default_rng(seed)
     if policy == "mcts":
         out = muzero_policy(None, rng, root_out, search.recurrent_fn, num_simulations,
-                            max_depth=max_depth, dirichlet_fraction=0.0, temperature=0.0)
+                            max_depth=max_depth, dirichlet_fraction=0.0, temperature=0.0,
+                            widening=settings.widening)  # fmt: skip
     elif policy == "gumbel":
+        if settings.widening is not None:
+            raise ValueError("progressive widening is for policy='mcts'")
         out = gumbel_muzero_policy(None, rng, root_out, search.recurrent_fn, num_simulations,
                                    max_depth=max_depth)
     else:
         raise ValueError(f"unknown search policy {policy!r}: mcts or gumbel")
+    best, best_return = search.best_sequence(root_id)
     tree = out.search_tree
     n_actions = tree.children_visits.shape[-1]
     actions = np.stack([search.action_of(root_id, a) for a in range(n_actions)])
@@ -96,8 +124,10 @@ def _search(model: WorldModel, host: WorldHost, root_sid: int, seed: np.random.S
         if parents[n] >= 0:
             depth[n] = depth[parents[n]] + 1
     result = {"actions": actions, "visits": visits, "q": q, "chosen": int(out.action[0]),
-              "pv": pv, "expansions": search.expansions, "depth": int(depth.max()),
-              "root_value": float(tree.node_values[0, 0])}  # fmt: skip
+              "pv": pv, "expansions": search.expansions, "model_steps": search.model_steps,
+              "depth": int(depth.max()),
+              "root_value": float(tree.node_values[0, 0]), "best": best,
+              "best_return": float(best_return)}  # fmt: skip
     search.release()
     return result
 
@@ -296,15 +326,18 @@ class WorkerPool:
                              *, searches: int | None = None, seed: int = 0,
                              num_simulations: int = 32, max_depth: int | None = None,
                              discount: float = 0.95, objective: Objective = reward_objective,
-                             policy: str = "mcts") -> RootParallelResult:
+                             policy: str = "mcts",
+                             settings: SearchSettings | None = None) -> RootParallelResult:
         """``searches`` (default: one per worker) independent searches from the root, each
         of ``num_simulations``, merged by visit counts."""
+        settings = settings if settings is not None else SearchSettings()
         searches = len(self.workers) if searches is None else int(searches)
         if searches < 1:
             raise ValueError(f"searches must be >= 1, got {searches}")
         seeds = np.random.SeedSequence(seed).spawn(searches)
         results = self._map([(_search, (s, candidates, num_simulations, max_depth, discount,
-                                         objective, policy)) for s in seeds])  # fmt: skip
+                                         objective, policy, settings))
+                             for s in seeds])  # fmt: skip
         return RootParallelResult.merge(results)
 
     def close(self) -> None:
@@ -331,6 +364,8 @@ class RootParallelResult:
     visits: np.ndarray  # [A] summed root visits
     q: np.ndarray  # [A] visit-weighted mean Q (0 where unvisited)
     plan: np.ndarray  # [T, action_dim] the action and the principal variation below it
+    best: np.ndarray  # [L, action_dim] the best sequence any search saw (first search on ties)
+    best_return: float  # its return (-inf before any expansion)
     searches: list[dict[str, Any]]
 
     @classmethod
@@ -347,5 +382,7 @@ class RootParallelResult:
         index = int(order[0])
         best = max(results, key=lambda r: r["visits"][index])
         plan = np.stack([actions[index]] + list(best["pv"][index]))
+        top = max(range(len(results)), key=lambda k: (results[k]["best_return"], -k))
         return cls(action=actions[index].copy(), index=index, visits=visits, q=q,
-                   plan=plan.astype(np.float32), searches=results)  # fmt: skip
+                   plan=plan.astype(np.float32), best=results[top]["best"],
+                   best_return=results[top]["best_return"], searches=results)  # fmt: skip

@@ -108,7 +108,9 @@ def test_contract_models_are_remote(client):
 
 # --- local vs remote, bit for bit ---------------------------------------------------------
 @pytest.mark.parametrize("backend", ["pusht-sim", "mini-dreamzero"])
-def test_local_and_remote_are_bit_identical(cluster, backend):
+def test_local_and_remote_are_bit_identical(cluster, backend, one_thread):
+    # one_thread: the actors run torch on one thread, and the bits of a matrix product
+    # can depend on how many threads split it (they do on some CPUs: AMD EPYC here).
     acts = contract.random_actions(25, seed=11)
     local = create_world_model(backend)
     remote = RemoteWorldModel(backend)  # its own actor
@@ -221,6 +223,73 @@ def test_root_parallel_mcts_equals_one_process(cluster):
     np.testing.assert_array_equal(a.plan, b.plan)
     # The searches were seeded apart (Gumbel noise differs), so they are not all alike.
     assert len({tuple(s["visits"]) for s in a.searches}) > 1
+
+
+def _plan_candidates(seed: int):
+    from planners.proposals import PlanProposal
+
+    return PlanProposal([-1.0, -1.0], [1.0, 1.0], horizon=4, num_candidates=6, std=0.5,
+                        rng=np.random.default_rng(seed))  # fmt: skip
+
+
+def test_root_parallel_mcts_runs_the_agents_settings_and_equals_one_process(cluster):
+    """Widening, rollout leaf values and the horizon reach every root search (each from
+    the same warm-start candidates), the best sequence seen comes back, and the Ray run
+    equals the in-process one."""
+    from planners.parallel import SearchSettings
+    from planners.widening import Widening
+
+    kwargs = {"action_repeat": 4, "frame_size": 64}
+    model = create_world_model("pusht-sim", **kwargs)
+    model.start(model.prompts[0], seed=3)
+    budget = dict(searches=2, seed=5, num_simulations=10, max_depth=3, policy="mcts")
+    widened = SearchSettings(widening=Widening(1.0, 0.5), leaf_rollout=True, horizon=4)
+    out = {}
+    for actors in (0, 2):
+        with WorkerPool("pusht-sim", kwargs, actors=actors) as pool:
+            pool.set_root(model)
+            out[actors] = pool.root_parallel_search(_plan_candidates(1), settings=widened, **budget)
+            if actors == 0:
+                plain = pool.root_parallel_search(_plan_candidates(1), **budget)
+    a, b = out[0], out[2]
+    np.testing.assert_array_equal(a.visits, b.visits)
+    np.testing.assert_array_equal(a.best, b.best)
+    assert a.best_return == b.best_return and np.isfinite(a.best_return)
+    assert len(a.best) == 4  # the path to the best leaf, then its rollout to the horizon
+    # The rollouts' model steps are counted; the plain search (hold values) has none.
+    assert a.searches[0]["model_steps"] > a.searches[0]["expansions"]
+    assert plain.searches[0]["model_steps"] == plain.searches[0]["expansions"]
+    # The settings reached the searches: plain MCTS (hold values, no widening) spends
+    # the visits otherwise.
+    assert not np.array_equal(a.visits, plain.visits)
+
+
+def test_parallel_agent_carries_the_plan_and_executes_the_best_sequence():
+    """planner=mcts_pw's settings through ParallelMPCAgent (in process: the same code the
+    actors run): the executed action is the best sequence's first step and the warm-start
+    plan moves on; the model's proposals are refused with the reason."""
+    from agents.mpc import MPCConfig
+    from agents.parallel import ParallelMPCAgent
+
+    model = create_world_model("pusht-sim", action_repeat=4, frame_size=64)
+    model.start(model.prompts[0], seed=3)
+    cfg = MPCConfig(planner="mcts", num_simulations=12, max_depth=3, candidates="plan",
+                    num_candidates=6, plan_horizon=4, widening_c=1.0, select="best",
+                    objective="pose", record_tree=False)  # fmt: skip
+    with WorkerPool("pusht-sim", {"action_repeat": 4, "frame_size": 64}, actors=0) as pool:
+        agent = ParallelMPCAgent(model, cfg, np.random.default_rng(0), pool=pool, searches=2)
+        agent.proposal.set_plan(np.linspace([-0.6, 0.2], [0.3, -0.4], 4))
+        before = agent.proposal.plan.copy()
+        action = agent.act()
+        np.testing.assert_array_equal(action, agent.plan[0])
+        assert np.isfinite(agent.stats["best_return"])
+        want = before.copy()  # the executed sequence over the plan, shifted by one
+        want[: len(agent.plan)] = agent.plan[:4]
+        np.testing.assert_array_equal(agent.proposal.plan, np.r_[want[1:], want[-1:]])
+        assert not np.array_equal(agent.proposal.plan, before)
+        with pytest.raises(ValueError, match="proposals > 0 .* not supported over Ray"):
+            ParallelMPCAgent(model, MPCConfig(planner="mcts", proposals=2),
+                             np.random.default_rng(0), pool=pool)  # fmt: skip
 
 
 def test_parallel_config_group_composes():
