@@ -23,7 +23,8 @@ plan: setup
 demo: setup
 	$(BIN)/python -m experiments.demo
 
-# mini-dreamzero from nothing: data, every network, DAgger, fidelity (92.0 min measured on 2 cores; budget 90).
+# mini-dreamzero from nothing: data, every network, DAgger, fidelity (92.0 min measured on 2 cores,
+# about 84 projected since the simulator's 2.5x step, not yet run end to end; budget 90).
 world-model: setup
 	$(BIN)/python -m experiments.build_world_model
 

@@ -96,6 +96,8 @@ class PlannerConfig:
     """MCTS move size (px)."""
     actions: str = "absolute"
     """CEM / iCEM / MPPI search space: absolute pusher targets or relative moves."""
+    relative_px: float = 64.0
+    """With actions=relative: the largest move per step (px)."""
     proposals: int = 0
     """MCTS: candidates per node from the model's action proposals (0: moves only)."""
     candidates: str = "moves"

@@ -40,6 +40,26 @@ def test_config_groups_compose_into_a_structured_config():
     assert compose_plan("planner=icem").planner.num_samples == 16
 
 
+def test_the_app_config_offers_every_agent_setting_with_its_default():
+    """PlannerConfig is the flat Hydra face of MPCConfig: every setting of the agent can
+    be set from the command line, with the same default, and reaches the agent."""
+    import dataclasses
+
+    from agents.mpc import MPCConfig
+    from experiments.plan import PlannerConfig
+
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}  # fmt: skip
+
+    app, agent = defaults(PlannerConfig), defaults(MPCConfig)
+    missing = set(agent) - set(app) - {"objective", "record_tree"}
+    assert not missing, f"MPCConfig settings the plan app cannot set: {sorted(missing)}"
+    assert {k: app[k] for k in agent if k in app} == {k: agent[k] for k in agent if k in app}
+    mpc = PlannerConfig(relative_px=20.0, keep_elites=0.5, temperature=2.0).mpc(objective="pose")
+    assert (mpc.relative_px, mpc.icem.keep_elites, mpc.mppi.temperature) == (20.0, 0.5, 2.0)
+
+
 def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
     cfg = compose_plan("backend=pusht_sim", "planner=mcts", "experiment.episodes=1",
                        "experiment.max_steps=3", "planner.num_simulations=8")
