@@ -59,7 +59,7 @@ class _CanonicalPushT(PushTEnv):
         the contacts of every step taken (each step's count as gym-pusht's info gives it).
 
         The physics is gym-pusht's, its float operations in the same order (pymunk's
-        ``Vec2d`` arithmetic written out on floats, which is half a step's Python time).
+        ``Vec2d`` arithmetic written out on floats, which saves its objects' overhead).
         A step before the last needs its coverage only to know whether the episode ended
         there, so it is computed only where the T is near enough its goal to succeed
         (:data:`pusht.SUCCESS_GAP_PX`). Tested equal, bit for bit, to gym-pusht's ``step``.
