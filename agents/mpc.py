@@ -308,15 +308,23 @@ class MPCAgent:
                       "model_steps": res.evaluations * self.cem.cfg.horizon}
         return action
 
+    @property
+    def search_horizon(self) -> int:
+        """MCTS: steps from the root to the end of the planning horizon."""
+        return max(self.cfg.plan_horizon, self.cfg.max_depth)
+
+    @property
+    def search_renders(self) -> bool:
+        """MCTS: whether nodes need their frames (only proposals or an embedding goal
+        read them)."""
+        return self.cfg.proposals > 0 or getattr(self.objective, "reads_frames", False)
+
     def _search(self, root) -> np.ndarray:
         rollout = self.proposal.rollout if self.cfg.leaf_value == "rollout" else None
         search = WorldSearch(self.model, self.candidates, objective=self.objective,
                              discount=self.cfg.discount, tree=self.tree,
                              store=getattr(self.tree, "store", None), rollout=rollout,
-                             horizon=max(self.cfg.plan_horizon, self.cfg.max_depth),
-                             # Frames are needed only by proposals or an embedding goal.
-                             render=(self.cfg.proposals > 0
-                                     or getattr(self.objective, "reads_frames", False)))
+                             horizon=self.search_horizon, render=self.search_renders)
         root_out = search.root([root])
         policy = muzero_policy if self.cfg.planner == "mcts" else gumbel_muzero_policy
         kwargs = ({"dirichlet_fraction": 0.0, "temperature": 0.0, "widening": self.widening}

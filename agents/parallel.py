@@ -64,11 +64,8 @@ class ParallelMPCAgent(MPCAgent):
                 policy="mcts" if planner == "mcts" else "gumbel",
                 settings=SearchSettings(
                     widening=self.widening, leaf_rollout=self.cfg.leaf_value == "rollout",
-                    horizon=max(self.cfg.plan_horizon, self.cfg.max_depth),
-                    render=getattr(self.objective, "reads_frames", False)))  # fmt: skip
+                    horizon=self.search_horizon, render=self.search_renders))  # fmt: skip
             action, self.plan = res.action.astype(np.float32), res.plan
-            if self.cfg.select == "best" and len(res.best):
-                action, self.plan = res.best[0].copy(), res.best
             seen = res.visits > 0
             self.stats = {
                 "root_visits": int(res.visits.sum()),
@@ -79,6 +76,7 @@ class ParallelMPCAgent(MPCAgent):
                 "searches": len(res.searches),
             }
             if self.cfg.select == "best" and len(res.best):
+                action, self.plan = res.best[0].copy(), res.best
                 self.stats["best_return"] = res.best_return
             if self.proposal is not None:
                 self.proposal.update(self.plan)
