@@ -3,7 +3,7 @@ by side: for each of the build's data sets, the same episodes collected by both 
 alternating subprocesses (one torch thread each, as the build's workers), median seconds
 per episode, the episodes' sha256 asserted equal.
 
-    python benchmarks/build_collection.py --base 7a66eb0 [--rounds 2] [--scale 1.0]
+    python -m benchmarks.build_collection --base 7a66eb0 [--rounds 2] [--scale 1.0]
 
 Also prints what the ratios make of a recorded build's collection phases
 (``--record docs/results/build_r20/build.json``): each phase's recorded minutes times
@@ -23,24 +23,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments.build_world_model import _DATA, BuildConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "arcfab_gym" / "models" / "mini_dreamzero" / "weights"
 
-#: The build's data sets (experiments.build_world_model's _DATA) and how many episodes of
-#: each one round collects; "dagger" plans inside the shipped weights (the build uses the
-#: weights it has made so far, the same networks).
-SETS = {
-    "train": (dict(seed=0), 40),
-    "jumps": (dict(seed=3000, random_policy_fraction=0.0, poke_policy_fraction=0.0,
-                   jump_policy_fraction=1.0), 24),
-    "near_goal": (dict(seed=6000, near_goal_fraction=1.0, poke_policy_fraction=0.6,
-                       jump_policy_fraction=0.3, random_policy_fraction=0.1), 24),
-    "planner": (dict(seed=5000, planner_policy_fraction=1.0, poke_policy_fraction=0.0,
-                     random_policy_fraction=0.0, near_goal_fraction=0.5), 2),
-    "dagger": (dict(seed=7000, planner_policy_fraction=1.0, poke_policy_fraction=0.0,
-                    random_policy_fraction=0.0, near_goal_fraction=0.5, planner_samples=16,
-                    planner_model=str(WEIGHTS)), 2),
-}  # fmt: skip
+#: Episodes of each of the build's data sets (experiments.build_world_model's _DATA, the
+#: same settings) collected per round; "dagger" plans inside the shipped weights (the
+#: build uses the weights it has made so far, the same networks).
+EPISODES = {"train": 40, "jumps": 24, "near_goal": 24, "planner": 2, "dagger": 2}
+SETS = {name: (dict(_DATA[name]), n) for name, n in EPISODES.items()}
+SETS["dagger"][0].update(planner_samples=BuildConfig.dagger_samples, planner_model=str(WEIGHTS))
 #: Which recorded build phase each data set's ratio applies to.
 PHASES = {"collect train": "train", "collect jumps": "jumps", "collect near_goal": "near_goal",
           "collect planner": "planner", "collect test": "train", "collect dagger": "dagger",
@@ -108,8 +101,8 @@ def main() -> None:
         print(f"  {name:<10} {o:7.3f} s -> {n:7.3f} s   {o / n:5.2f}x")
     record = Path(args.record)
     if record.exists():
-        phases = json.loads(record.read_text())["phases"]
-        total = json.loads(record.read_text())["minutes"]
+        recorded = json.loads(record.read_text())
+        phases, total = recorded["phases"], recorded["minutes"]
         saved = 0.0
         print(f"\nprojected onto {record.relative_to(ROOT)} (recorded {total:.1f} min):")
         for p in phases:
