@@ -143,6 +143,14 @@ def test_safetensors_round_trip_reproduces_the_next_output_bit_for_bit(model, tm
 
 
 # --- fabric semantics ----------------------------------------------------------------------
+def test_the_window_resets_every_four_steps(model):
+    # The backend contract runs a quarter of its long rollouts on DreamZero
+    # (tests/test_backend_contract.py, ROLLOUT_SHARE) because this period makes even those
+    # cross resets; if the period grows, that share must grow with it.
+    resets = [o.info["reset"] is not None for o in run(model, acts(model, 8))]
+    assert resets == [False, False, False, True, False, False, False, True]
+
+
 def test_restore_never_trips_a_reset_rule(model):
     run(model, acts(model, 1))
     mid = model.extract_state()  # csf 5, inside the window
