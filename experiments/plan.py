@@ -79,6 +79,8 @@ class PlannerConfig:
     """iCEM: fraction of elites kept between iterations and calls."""
     sample_decay: float = 1.25
     """iCEM: sample count shrinks by this factor per iteration."""
+    execute: str = "best"
+    """iCEM: the sequence acted on, best (best seen) or mean (the last iteration's mean)."""
     temperature: float = 0.5
     """MPPI: elite weights exp(temperature * (return - max))."""
     discount: float = 0.9
@@ -134,7 +136,7 @@ class PlannerConfig:
             **shared, objective=objective, record_tree=record_tree,
             cem=CEMConfig(**seq),
             icem=ICEMConfig(**seq, noise_beta=self.noise_beta, keep_elites=self.keep_elites,
-                            sample_decay=self.sample_decay),
+                            sample_decay=self.sample_decay, execute=self.execute),
             mppi=MPPIConfig(**seq, temperature=self.temperature),
         )  # fmt: skip
 

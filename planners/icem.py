@@ -85,9 +85,14 @@ class ICEMConfig:
     min_std: float = 0.02
     momentum: float = 0.1
     """Share of the previous mean and std kept at each refit."""
+    execute: str = "best"
+    """The sequence returned: ``best`` (the best one seen, the paper's) or ``mean`` (the
+    last iteration's mean, which is evaluated as a sample there)."""
 
     def __post_init__(self):
         check_budget(self)
+        if self.execute not in ("best", "mean"):
+            raise ValueError(f"unknown execute {self.execute!r}: best or mean")
         if self.sample_decay < 1 or not 0 <= self.keep_elites <= 1 or self.noise_beta < 0:
             raise ValueError("need sample_decay >= 1, 0 <= keep_elites <= 1, noise_beta >= 0")
 
@@ -137,6 +142,8 @@ class ICEMPlanner(BoxPlanner):
                 parts.append(self._clip(mean)[None])
             samples = np.concatenate(parts, axis=0)
             returns = _check_returns(evaluate(samples), len(samples))
+            if i == cfg.iterations - 1 and cfg.execute == "mean":
+                mean_seq, mean_return = samples[-1].copy(), float(returns[-1])
             evaluations += len(samples)
             all_returns.append(returns)
             order = np.argsort(-returns, kind="stable")[: cfg.num_elites]
@@ -148,6 +155,8 @@ class ICEMPlanner(BoxPlanner):
             std = np.clip(std, cfg.min_std * self.half, self.half)
             kept = elites[:n_keep] if n_keep else None
         self._mean, self._elites = mean, elites
+        if cfg.execute == "mean":
+            best_seq, best_return = mean_seq, mean_return
         return PlanResult(
             action=self._clip(best_seq[0]).astype(np.float32), mean=mean, std=std,
             best_return=float(best_return),

@@ -81,6 +81,33 @@ def test_icem_sample_counts_decay_and_elites_carry_over():
     assert len(seen[0]) == 64  # nothing carried over after reset
 
 
+def test_icem_can_execute_the_last_mean_instead_of_the_best_seen():
+    # The mean is the last sample of the last iteration; with execute=mean that sample
+    # and its own return come back, not the best of all the samples.
+    cfg = ICEMConfig(horizon=4, num_samples=32, num_elites=4, iterations=3, execute="mean")
+    seen = []
+
+    def score(s):
+        return -np.abs(s - 0.3).sum(axis=(1, 2))
+
+    def evaluate(s):
+        seen.append(s.copy())
+        return score(s)
+
+    res = ICEMPlanner([-1], [1], cfg).plan(evaluate, np.random.default_rng(5))
+    mean_sample = seen[-1][-1]
+    np.testing.assert_array_equal(res.sequence, mean_sample.astype(np.float32))
+    assert res.best_return == float(score(mean_sample[None])[0])
+    assert res.best_return < max(float(score(s).max()) for s in seen)  # not the best
+    # Same rng, same samples: only the choice differs.
+    best = ICEMPlanner([-1], [1], ICEMConfig(horizon=4, num_samples=32, num_elites=4,
+                                             iterations=3)).plan(evaluate, np.random.default_rng(5))
+    np.testing.assert_array_equal(best.mean, res.mean)
+    assert best.best_return > res.best_return
+    with pytest.raises(ValueError, match="execute"):
+        ICEMConfig(execute="median")
+
+
 def test_icem_next_call_starts_from_shifted_elites():
     cfg = ICEMConfig(horizon=5, num_samples=32, num_elites=4, iterations=2, keep_elites=1.0)
     planner = ICEMPlanner([-1], [1], cfg)
