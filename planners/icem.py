@@ -14,7 +14,8 @@ iCEM's changes to CEM, each a field of :class:`ICEMConfig`:
 * *elites kept*: a fraction of each iteration's elites joins the next iteration, and at a
   new call the last elites, shifted by one step, join the first iteration;
 * *the mean as a sample* in the last iteration, and *the best sequence seen* is the one
-  executed (not the refit mean).
+  executed (not the refit mean); ``execute="mean"`` acts on that last mean instead, which
+  is never chosen for its score and so is not over-promised by the winner's curse.
 
 TD-MPC2's MPPI: sample around (mean, std), keep the ``num_elites`` best, weight them by
 ``exp(temperature * (return - max return))``, refit mean and std (std clamped to
