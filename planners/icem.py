@@ -143,8 +143,6 @@ class ICEMPlanner(BoxPlanner):
                 parts.append(self._clip(mean)[None])
             samples = np.concatenate(parts, axis=0)
             returns = _check_returns(evaluate(samples), len(samples))
-            if i == cfg.iterations - 1 and cfg.execute == "mean":
-                mean_seq, mean_return = samples[-1].copy(), float(returns[-1])
             evaluations += len(samples)
             all_returns.append(returns)
             order = np.argsort(-returns, kind="stable")[: cfg.num_elites]
@@ -156,8 +154,8 @@ class ICEMPlanner(BoxPlanner):
             std = np.clip(std, cfg.min_std * self.half, self.half)
             kept = elites[:n_keep] if n_keep else None
         self._mean, self._elites = mean, elites
-        if cfg.execute == "mean":
-            best_seq, best_return = mean_seq, mean_return
+        if cfg.execute == "mean":  # the last iteration's last sample
+            best_seq, best_return = samples[-1].copy(), float(returns[-1])
         return PlanResult(
             action=self._clip(best_seq[0]).astype(np.float32), mean=mean, std=std,
             best_return=float(best_return),

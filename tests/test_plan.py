@@ -47,6 +47,7 @@ def test_the_app_config_offers_every_agent_setting_with_its_default():
 
     from agents.mpc import MPCConfig
     from experiments.plan import PlannerConfig
+    from planners.icem import ICEMConfig
 
     def defaults(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls)
@@ -56,8 +57,10 @@ def test_the_app_config_offers_every_agent_setting_with_its_default():
     missing = set(agent) - set(app) - {"objective", "record_tree"}
     assert not missing, f"MPCConfig settings the plan app cannot set: {sorted(missing)}"
     assert {k: app[k] for k in agent if k in app} == {k: agent[k] for k in agent if k in app}
-    mpc = PlannerConfig(relative_px=20.0, keep_elites=0.5, temperature=2.0).mpc(objective="pose")
+    mpc = PlannerConfig(relative_px=20.0, keep_elites=0.5, temperature=2.0,
+                        execute="mean").mpc(objective="pose")
     assert (mpc.relative_px, mpc.icem.keep_elites, mpc.mppi.temperature) == (20.0, 0.5, 2.0)
+    assert mpc.icem.execute == "mean" and PlannerConfig().execute == ICEMConfig().execute
 
 
 def test_mcts_in_the_simulator_records_trees_and_results(tmp_path):
